@@ -1,0 +1,27 @@
+# kvtuner-edge: `make demo` sets everything up and runs the main job; `make test` runs the tests.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+VARIANT ?= cpu
+
+.PHONY: setup engine demo test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# the patched llama.cpp engine (cached outside the clone: a second build takes seconds)
+engine: $(BIN)/python
+	$(BIN)/python native/build.py --variant $(VARIANT)
+
+setup: engine
+	$(BIN)/python -m pip install -q -e '.[test]'
+
+demo: setup
+	$(BIN)/kvtuner-edge demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info

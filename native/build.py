@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Build the patched llama.cpp engine as a llama-cpp-python wheel, cached outside the clone.
+
+    python native/build.py                       # CPU build, install into this Python
+    python native/build.py --variant cuda --cuda-arch 90
+    python native/build.py --variant metal       # on macOS
+    python native/build.py --write-archive out.tar.xz   # trimmed source for a machine without network
+    python native/build.py --source out.tar.xz --no-build-isolation --variant cuda
+
+Steps: fetch the pinned llama-cpp-python sdist from PyPI and check its sha256; unpack it; copy
+our own sources (native/kvtuner/) into vendor/llama.cpp/src; apply patches/*.patch in order
+(a patch that does not apply stops the build and is named); build a wheel with pip
+(scikit-build-core) in a work folder that survives an interruption (a second run resumes the
+compile); cache it under $KVTUNER_EDGE_CACHE (default ~/.cache/kvtuner-edge) keyed
+by sdist hash + patches and sources hash + cmake args; install it.  A second run with the same
+key only installs the cached wheel.  Standard library only: it runs before the package's own
+dependencies exist.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+SDIST_NAME = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LLAMA_CPP_COMMIT = "0c1e5709"
+
+ROOT = Path(__file__).resolve().parent.parent
+PATCH_DIR = ROOT / "patches"
+OWN_SRC_DIR = ROOT / "native" / "kvtuner"
+
+# what the trimmed archive leaves out of vendor/llama.cpp: not needed to build the library,
+# the Python package or the command-line tools on CPU, CUDA or Metal
+TRIM_DIRS = (
+    "vendor/llama.cpp/models", "vendor/llama.cpp/docs", "vendor/llama.cpp/media",
+    "vendor/llama.cpp/examples", "vendor/llama.cpp/gguf-py", "vendor/llama.cpp/tests",
+    "vendor/llama.cpp/benches", "vendor/llama.cpp/pocs", "vendor/llama.cpp/app",
+    "vendor/llama.cpp/skills", "vendor/llama.cpp/ci", "vendor/llama.cpp/.devops",
+    "vendor/llama.cpp/tools/server/webui", "vendor/llama.cpp/tools/server/public_legacy",
+    "vendor/llama.cpp/ggml/src/ggml-vulkan", "vendor/llama.cpp/ggml/src/ggml-sycl",
+    "vendor/llama.cpp/ggml/src/ggml-opencl", "vendor/llama.cpp/ggml/src/ggml-cann",
+    "vendor/llama.cpp/ggml/src/ggml-musa", "vendor/llama.cpp/ggml/src/ggml-hip",
+    "vendor/llama.cpp/ggml/src/ggml-webgpu", "vendor/llama.cpp/ggml/src/ggml-zdnn",
+    "vendor/llama.cpp/ggml/src/ggml-hexagon", "vendor/llama.cpp/ggml/src/ggml-openvino",
+    "vendor/llama.cpp/ggml/src/ggml-zendnn", "vendor/llama.cpp/ggml/src/ggml-virtgpu",
+    "vendor/llama.cpp/tools/ui", "vendor/llama.cpp/ggml/src/ggml-et", "vendor/llama.cpp/.github",
+    "vendor/llama.cpp/conversion", ".git", ".github", "docs", "examples", "tests", "docker",
+)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[kvtuner-edge build] {msg}", flush=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KVTUNER_EDGE_CACHE", Path.home() / ".cache" / "kvtuner-edge"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sources_hash() -> str:
+    """Hash of everything of ours that goes into the build: patches and native sources."""
+    h = hashlib.sha256()
+    for p in sorted(PATCH_DIR.glob("*.patch")) + sorted(OWN_SRC_DIR.glob("*")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def cmake_args(variant: str, cuda_arch: str) -> list[str]:
+    args = ["-DLLAVA_BUILD=OFF", "-DLLAMA_CURL=OFF", "-DGGML_OPENMP=ON"]
+    machine = platform.machine().lower()
+    if variant == "metal":
+        args += ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]
+    else:
+        # GGML_NATIVE=ON builds AMX code that dies with SIGILL on these x86 machines
+        args += ["-DGGML_NATIVE=OFF"]
+        if machine in ("x86_64", "amd64"):
+            args += ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+    if variant == "cuda":
+        # without FA_ALL_QUANTS a K type different from the V type falls off the flash-attention path
+        args += ["-DGGML_CUDA=ON", "-DGGML_CUDA_FA_ALL_QUANTS=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
+    return args
+
+
+def fetch_sdist() -> Path:
+    dest = cache_root() / "sdist"
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / SDIST_FILE
+    if not path.exists():
+        log(f"downloading {SDIST_NAME}=={SDIST_VERSION} (sdist) from PyPI")
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                            "-d", tmp, f"{SDIST_NAME}=={SDIST_VERSION}"], check=True)
+            got = Path(tmp) / SDIST_FILE
+            if not got.exists():
+                raise BuildError(f"pip did not produce {SDIST_FILE}")
+            os.replace(got, path)
+    digest = sha256_file(path)
+    if digest != SDIST_SHA256:
+        raise BuildError(f"{path}: sha256 {digest} does not match the pinned {SDIST_SHA256}; delete it and retry")
+    return path
+
+
+def apply_patches(llama_dir: Path) -> None:
+    for src in sorted(OWN_SRC_DIR.glob("*")):
+        shutil.copy2(src, llama_dir / "src" / src.name)
+    patches = sorted(PATCH_DIR.glob("*.patch"))
+    for p in patches:
+        r = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(p)], cwd=llama_dir,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BuildError(f"patch {p.name} does not apply to llama.cpp {LLAMA_CPP_COMMIT}:\n{r.stdout}{r.stderr}")
+        log(f"applied {p.name}")
+
+
+def unpack(archive: Path, into: Path) -> Path:
+    with tarfile.open(archive) as tf:
+        tf.extractall(into, filter="data") if hasattr(tarfile, "data_filter") else tf.extractall(into)
+    dirs = [d for d in into.iterdir() if d.is_dir()]
+    if len(dirs) != 1:
+        raise BuildError(f"{archive}: expected one top-level folder")
+    return dirs[0]
+
+
+def write_archive(out: Path) -> None:
+    sdist = fetch_sdist()
+    with tempfile.TemporaryDirectory() as tmp:
+        top = unpack(sdist, Path(tmp))
+        for rel in TRIM_DIRS:
+            shutil.rmtree(top / rel, ignore_errors=True)
+        for p in top.rglob("*"):
+            if p.is_file() and p.suffix in (".gguf", ".png", ".jpg", ".mp4", ".wasm"):
+                p.unlink()
+        (top / "KVTUNER_SOURCE").write_text(json.dumps({"sdist_sha256": SDIST_SHA256, "trimmed": True}))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = out.with_name(out.name + ".tmp")
+        with tarfile.open(tmp_out, "w:xz", preset=6) as tf:
+            tf.add(top, arcname=top.name)
+        os.replace(tmp_out, out)
+    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+def build(variant: str, cuda_arch: str, source: Path | None, isolation: bool,
+          install: bool, jobs: int, keep_build: bool = False) -> Path:
+    args = cmake_args(variant, cuda_arch)
+    if source is None:
+        source = fetch_sdist()
+        src_id = SDIST_SHA256
+    else:
+        src_id = sha256_file(source)
+    key_src = json.dumps({"source": src_id, "ours": sources_hash(), "cmake": args,
+                          "platform": f"{sys.platform}-{platform.machine()}"}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    wheel_dir = cache_root() / "wheels" / f"{variant}-{key}"
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    if wheels:
+        log(f"cached wheel {wheels[0]} (key {key})")
+    else:
+        # a persistent work folder per key: an interrupted build resumes where ninja stopped
+        work = cache_root() / "build" / f"{variant}-{key}"
+        ready = work / "source-ready"
+        if not ready.exists():
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            top = unpack(source, work)
+            apply_patches(top / "vendor" / "llama.cpp")
+            ready.write_text(top.name)
+        else:
+            log(f"resuming the build in {work}")
+        top = work / ready.read_text()
+        log(f"building the {variant} engine (key {key}) in {work}; cmake args: {' '.join(args)}")
+        t0 = time.time()
+        out = work / "wheel"
+        shutil.rmtree(out, ignore_errors=True)
+        env = dict(os.environ, CMAKE_ARGS=" ".join(args), CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out),
+               "--config-settings", f"build-dir={work / 'cmake'}", str(top)]
+        if not isolation:
+            cmd.insert(4, "--no-build-isolation")
+        r = subprocess.run(cmd, env=env)
+        if r.returncode != 0:
+            raise BuildError(f"the wheel build failed (exit {r.returncode}); see the compiler output above. "
+                             f"Run the same command again to resume it.")
+        built = sorted(out.glob("*.whl"))
+        if not built:
+            raise BuildError("pip wheel produced no wheel")
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        tmp_dest = wheel_dir / (built[0].name + ".part")
+        shutil.copy2(built[0], tmp_dest)
+        os.replace(tmp_dest, wheel_dir / built[0].name)
+        (wheel_dir / "key.json").write_text(key_src)
+        log(f"built in {time.time() - t0:.0f} s")
+        if not keep_build:
+            shutil.rmtree(work, ignore_errors=True)
+        wheels = sorted(wheel_dir.glob("*.whl"))
+    if install:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheels[0])],
+                       check=True)
+        # llama-cpp-python's own small runtime dependencies
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "typing-extensions>=4.5.0", "diskcache>=5.6.1",
+                        "jinja2>=2.11.3"], check=True)
+        log(f"installed {wheels[0].name} into {sys.prefix}")
+    return wheels[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", choices=("cpu", "cuda", "metal"), default="cpu")
+    ap.add_argument("--cuda-arch", default=os.environ.get("KVTUNER_CUDA_ARCH", "90"),
+                    help="CMAKE_CUDA_ARCHITECTURES for --variant cuda (default 90: H100/H200)")
+    ap.add_argument("--source", type=Path, help="build from this (trimmed) source archive instead of the PyPI sdist")
+    ap.add_argument("--no-build-isolation", action="store_true",
+                    help="use the scikit-build-core already installed (machines without network)")
+    ap.add_argument("--no-install", action="store_true", help="build or find the cached wheel, do not install it")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--keep-build", action="store_true", help="keep the build folder (objects) after success")
+    ap.add_argument("--write-archive", type=Path, metavar="OUT.tar.xz",
+                    help="write a trimmed source archive (for carrying to a machine without network) and exit")
+    ap.add_argument("--print-wheel", action="store_true", help="print the wheel path on the last line")
+    a = ap.parse_args(argv)
+    try:
+        if a.write_archive:
+            write_archive(a.write_archive)
+            return 0
+        wheel = build(a.variant, a.cuda_arch, a.source, not a.no_build_isolation,
+                      not a.no_install, a.jobs, a.keep_build)
+        if a.print_wheel:
+            print(wheel)
+    except (BuildError, subprocess.CalledProcessError) as e:
+        print(f"kvtuner-edge build failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The patched engine on real models: per-layer types, their costs, state, K-shift and bad input."""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+import pytest
+
+from kvtuner_edge import CacheConfig, engine
+from kvtuner_edge import types as T
+from kvtuner_edge.demo import edge_mixed
+from kvtuner_edge.errors import ConfigError, ModelFileError
+from kvtuner_edge.evaluate import kld_per_token
+from kvtuner_edge.gguf_io import model_info, write_with_metadata
+
+N_LAYER = 30
+
+
+def test_engine_is_patched():
+    assert engine.engine_version() == 1
+
+
+def test_uniform_per_layer_q8_is_bit_identical_to_global_q8(smollm2, smol_tokens):
+    with engine.open_model(smollm2, type_k="q8_0", type_v="q8_0", n_ctx=512, logits_all=True) as m:
+        glob = m.logits(smol_tokens)
+        assert m.layer_types() == (["q8_0"] * N_LAYER, ["q8_0"] * N_LAYER)
+    with engine.open_model(smollm2, CacheConfig.uniform(N_LAYER, "q8_0"), n_ctx=512, logits_all=True) as m:
+        per_layer = m.logits(smol_tokens)
+        assert m.layer_types() == (["q8_0"] * N_LAYER, ["q8_0"] * N_LAYER)
+    assert np.array_equal(glob, per_layer)
+
+
+def test_uniform_per_layer_f16_is_bit_identical_to_default(smollm2, smol_tokens):
+    with engine.open_model(smollm2, n_ctx=512, logits_all=True, use_file_types=False) as m:
+        default = m.logits(smol_tokens)
+    with engine.open_model(smollm2, CacheConfig.uniform(N_LAYER, "f16"), n_ctx=512, logits_all=True) as m:
+        per_layer = m.logits(smol_tokens)
+    assert np.array_equal(default, per_layer)
+
+
+def test_mixed_config_types_bytes_and_quality(smollm2, smol_tokens):
+    info = model_info(smollm2)
+    mixed = edge_mixed(N_LAYER)  # K q8_0 in the first and last 3 layers, q4_0 elsewhere; V q4_0
+    res = {}
+    for name, cfg in (("f16", CacheConfig.uniform(N_LAYER, "f16")), ("q8_0", CacheConfig.uniform(N_LAYER, "q8_0")),
+                      ("q4_0", CacheConfig.uniform(N_LAYER, "q4_0")), ("mixed", mixed)):
+        with engine.open_model(smollm2, cfg, n_ctx=512, logits_all=True) as m:
+            res[name] = m.logits(smol_tokens)
+            if name == "mixed":
+                caches = m.layer_caches()
+                n_cells = m.n_ctx
+    # the engine allocated exactly the configured type per layer ...
+    assert [c.type_k for c in caches] == list(mixed.type_k)
+    assert [c.type_v for c in caches] == list(mixed.type_v)
+    assert caches[0].type_k == "q8_0" and caches[3].type_k == "q4_0" and caches[27].type_k == "q8_0"
+    # ... and its cache bytes are the per-layer sum of what those types cost
+    for c in caches:
+        assert (c.bytes_k, c.bytes_v) == mixed.layer_bytes(info, c.layer, n_cells)
+    total = sum(c.bytes_k + c.bytes_v for c in caches)
+    assert total == sum(sum(mixed.layer_bytes(info, il, n_cells)) for il in range(N_LAYER))
+    q4_total = sum(sum(CacheConfig.uniform(N_LAYER, "q4_0").layer_bytes(info, il, n_cells)) for il in range(N_LAYER))
+    assert total > q4_total
+    # quality sits between uniform q8_0 and uniform q4_0
+    kld = {n: float(kld_per_token(res["f16"], res[n]).mean()) for n in ("q8_0", "mixed", "q4_0")}
+    assert kld["q8_0"] < kld["mixed"] < kld["q4_0"], kld
+
+
+def test_gemma3_mixed_config_on_swa_and_full_caches(gemma3):
+    info = model_info(gemma3)
+    assert info.arch == "gemma3" and any(info.swa_layers) and not all(info.swa_layers)
+    n = info.n_layer
+    # alternate K types so that both the sliding-window and the full cache hold several types
+    cfg = CacheConfig(tuple("q8_0" if il % 2 else "q4_0" for il in range(n)),
+                      tuple("q4_0" if il % 3 else "q8_0" for il in range(n)))
+    with engine.open_model(gemma3, n_ctx=1024, use_file_types=False) as m:
+        toks = m.tokenize("The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is")
+    with engine.open_model(gemma3, CacheConfig.uniform(n, "f16"), n_ctx=1024, logits_all=True) as m:
+        base = m.logits(toks)
+    with engine.open_model(gemma3, cfg, n_ctx=1024, logits_all=True) as m:
+        caches = m.layer_caches()
+        got = m.logits(toks)
+    assert [c.type_k for c in caches] == list(cfg.type_k)
+    assert [c.type_v for c in caches] == list(cfg.type_v)
+    # SWA layers get a window-sized cache, full layers the whole context
+    swa_cells = {c.bytes_k // T.get(c.type_k).row_bytes(info.n_embd_k(c.layer)) for c in caches if info.swa_layers[c.layer]}
+    full_cells = {c.bytes_k // T.get(c.type_k).row_bytes(info.n_embd_k(c.layer)) for c in caches if not info.swa_layers[c.layer]}
+    assert len(swa_cells) == 1 and len(full_cells) == 1 and swa_cells != full_cells
+    assert np.isfinite(got).all()
+    k = kld_per_token(base, got)
+    assert 0 < k.mean() < 0.1
+    assert (base.argmax(-1) == got.argmax(-1)).mean() > 0.8
+
+
+def test_state_save_load_continues_identically(smollm2, smol_tokens):
+    cfg = edge_mixed(N_LAYER)
+    with engine.open_model(smollm2, cfg, n_ctx=512) as m:
+        m.reset()
+        m.llm.eval(smol_tokens[:200])
+        state = m.llm.save_state()
+        first = m.generate([smol_tokens[200]], 24)
+        m.llm.load_state(state)
+        second = m.generate([smol_tokens[200]], 24)
+    assert first == second
+    # the same state restored into a fresh context with the same per-layer types
+    with engine.open_model(smollm2, cfg, n_ctx=512) as m2:
+        m2.llm.load_state(state)
+        third = m2.generate([smol_tokens[200]], 24)
+    assert third == first
+    # ... and refused, without a crash, by a context whose types differ
+    with engine.open_model(smollm2, CacheConfig.uniform(N_LAYER, "q8_0"), n_ctx=512) as m3:
+        with pytest.raises(RuntimeError):
+            m3.llm.load_state(state)
+
+
+def test_session_file_roundtrip(smollm2, smol_tokens, tmp_path):
+    import llama_cpp
+
+    cfg = edge_mixed(N_LAYER)
+    path = str(tmp_path / "session.bin").encode()
+    toks = smol_tokens[:150]
+    with engine.open_model(smollm2, cfg, n_ctx=512) as m:
+        m.reset()
+        m.llm.eval(toks)
+        arr = (llama_cpp.llama_token * len(toks))(*toks)
+        assert llama_cpp.llama_state_save_file(m.ctx, path, arr, len(toks))
+        expect = m.generate([smol_tokens[150]], 16)
+    with engine.open_model(smollm2, cfg, n_ctx=512) as m:
+        out = (llama_cpp.llama_token * 512)()
+        n_out = ctypes.c_size_t(0)
+        assert llama_cpp.llama_state_load_file(m.ctx, path, out, 512, ctypes.byref(n_out))
+        assert list(out[: n_out.value]) == toks
+        m.llm.n_tokens = len(toks)
+        m.llm.input_ids[: len(toks)] = toks
+        assert m.generate([smol_tokens[150]], 16) == expect
+
+
+@pytest.mark.parametrize("cfg_name", ["mixed_f16_k", "edge_mixed"])
+def test_context_shift_with_per_layer_types(smollm2, smol_tokens, cfg_name):
+    """Drop 64 cached tokens and shift the rest (llama.cpp's context shift): the K-shift re-ropes
+    each layer in its own type and rotation; the result matches recomputing from scratch."""
+    import llama_cpp
+
+    if cfg_name == "edge_mixed":
+        cfg = edge_mixed(N_LAYER)
+    else:  # f16 K (not rotated) next to q4_0 K (rotated) layers
+        cfg = CacheConfig(tuple("f16" if il % 2 else "q4_0" for il in range(N_LAYER)), ("q8_0",) * N_LAYER)
+    keep, drop = 4, 64
+    t = list(smol_tokens[:220])
+    with engine.open_model(smollm2, cfg, n_ctx=512, logits_all=True) as m:
+        m.reset()
+        m.llm.eval(t[:200])
+        mem = llama_cpp.llama_get_memory(m.ctx)
+        assert llama_cpp.llama_memory_seq_rm(mem, 0, keep, keep + drop)
+        llama_cpp.llama_memory_seq_add(mem, 0, keep + drop, 200, -drop)
+        kept = t[:keep] + t[keep + drop:200]
+        m.llm.n_tokens = len(kept)
+        m.llm.input_ids[: len(kept)] = kept
+        m.llm.eval(t[200:220])
+        shifted = np.array(m.llm.scores[len(kept): len(kept) + 20], dtype=np.float32)
+    with engine.open_model(smollm2, cfg, n_ctx=512, logits_all=True) as m:
+        ref_all = m.logits(kept + t[200:220])
+    ref = ref_all[len(kept):]
+    k = kld_per_token(ref, shifted)
+    assert k.mean() < 0.02, k.mean()
+    assert (ref.argmax(-1) == shifted.argmax(-1)).mean() >= 0.9
+
+
+def test_explicit_global_type_wins_over_per_layer(smollm2):
+    with engine.open_model(smollm2, spec="k=q4_0;v=q4_0", type_k="q8_0", type_v="q8_0", n_ctx=256) as m:
+        assert m.layer_types() == (["q8_0"] * N_LAYER, ["q8_0"] * N_LAYER)
+
+
+def test_environment_variable_override(smollm2, monkeypatch):
+    monkeypatch.setenv("KVTUNER_KV_TYPES", "k=q8_0*2,q4_0*28;v=q5_1")
+    with engine.open_model(smollm2, n_ctx=256) as m:
+        tk, tv = m.layer_types()
+    assert tk == ["q8_0"] * 2 + ["q4_0"] * 28 and tv == ["q5_1"] * N_LAYER
+
+
+def test_gguf_metadata_types_apply_and_off_disables(smollm2, tmp_path):
+    tk = ["q8_0"] * 5 + ["q4_0"] * 20 + ["q8_0"] * 5
+    tv = ["q4_1"] * N_LAYER
+    out = tmp_path / "tuned.gguf"
+    write_with_metadata(smollm2, out, {"kvtuner.type_k": tk, "kvtuner.type_v": tv})
+    assert model_info(out).type_k == tk
+    with engine.open_model(out, n_ctx=256) as m:
+        assert m.layer_types() == (tk, tv)
+    with engine.open_model(out, n_ctx=256, use_file_types=False) as m:
+        assert m.layer_types() == (["f16"] * N_LAYER, ["f16"] * N_LAYER)
+    with engine.open_model(out, CacheConfig.uniform(N_LAYER, "q5_0"), n_ctx=256) as m:
+        assert m.layer_types() == (["q5_0"] * N_LAYER, ["q5_0"] * N_LAYER)
+
+
+@pytest.mark.parametrize("spec,flash,message", [
+    ("k=q8_0*3,q4_0*20;v=q4_0", True, "23 K cache types given, but the model has 30 layers"),
+    ("k=q8_0;v=q4_0*29", True, "29 V cache types given, but the model has 30 layers"),
+    ("k=q8_0*3,q9_0*27;v=q4_0", True, "layer 3: unknown K cache type 'q9_0'"),
+    ("k=q4_K;v=q8_0", True, "layer 0: K cache type q4_K has block size 256, which does not divide the K head size 64"),
+    ("k=f16;v=f16*10,q4_0*20", False, "layer 10: quantized V cache type q4_0 requires flash attention, which is disabled"),
+    ("k=q8_0;x=q4_0", True, "cannot parse 'x=q4_0'"),
+    ("k=q8_0*0,q4_0*30;v=f16", True, "bad repeat count '0'"),
+])
+def test_engine_refuses_bad_config_with_message(smollm2, spec, flash, message):
+    with pytest.raises(ConfigError) as ei:
+        engine.open_model(smollm2, spec=spec, flash_attn=flash, n_ctx=256)
+    assert message in str(ei.value)
+    # the engine is still usable afterwards
+    with engine.open_model(smollm2, n_ctx=256) as m:
+        assert m.layer_types()[0] == ["f16"] * N_LAYER
+
+
+def test_backend_flash_attention_support_is_checked(smollm2):
+    """On the CPU every catalogue type runs in flash attention, so the check passes for all of them;
+    scripts/gpu_engine_check.sh proves the refusal (iq4_nl on CUDA) on the GPU machine."""
+    for name in T.CANDIDATES:
+        with engine.open_model(smollm2, CacheConfig.uniform(N_LAYER, name, "q8_0"), n_ctx=256) as m:
+            assert m.layer_types()[0] == [name] * N_LAYER
+
+
+def test_python_side_validation(smollm2):
+    info = model_info(smollm2)
+    with pytest.raises(ConfigError, match="configuration has 29 layers"):
+        CacheConfig.uniform(29, "q8_0").validate(info)
+    with pytest.raises(ConfigError, match="layer 4: unknown K cache type 'q3_x'"):
+        CacheConfig(("q8_0",) * 4 + ("q3_x",), ("q8_0",) * 5)
+    with pytest.raises(ConfigError, match="layer 0: K type iq4_nl is not a cuda flash-attention type"):
+        CacheConfig.uniform(N_LAYER, "iq4_nl").validate(info, backend="cuda")
+    with pytest.raises(ConfigError, match="metal flash attention needs the same K and V type"):
+        CacheConfig.uniform(N_LAYER, "q8_0", "q4_0").validate(info, backend="metal")
+
+
+def test_bad_model_files(tmp_path, smollm2):
+    with pytest.raises(ModelFileError, match="no such file"):
+        engine.open_model(tmp_path / "missing.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all" * 100)
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
+        engine.open_model(junk)
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2, "rb") as f:
+        cut.write_bytes(f.read(os.path.getsize(smollm2) // 2))
+    with pytest.raises(ModelFileError, match="truncated GGUF file"):
+        engine.open_model(cut)
