@@ -102,5 +102,136 @@ def demo(model_name, tokens, as_json):
                    f"{r['mean_kld']:9.5f} {r['p99_kld']:8.4f} {r['top1']:6.3f} {r['ppl']:7.2f}  {r['layers']}")
 
 
+def _config_opts(config, type_k, type_v, n_layer_hint=None):
+    from .config import CacheConfig
+
+    if config and (type_k or type_v):
+        raise click.UsageError("give either --config or --type-k/--type-v")
+    return CacheConfig.load(config) if config else None
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--config", "config", type=click.Path(dir_okay=False), required=True,
+              help='JSON {"type_k": [...], "type_v": [...]}, one ggml type name per layer')
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="default: MODEL.kvtuner.gguf beside the input")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def export(model, config, output, as_json):
+    """Write per-layer K/V cache types into a copy of MODEL (tensors unchanged)."""
+    from . import export as export_mod
+    from .config import CacheConfig
+    from .inspect import inspect as inspect_fn
+
+    cfg = CacheConfig.load(config)
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="B", unit_scale=True, desc="copying tensors", disable=as_json, file=sys.stderr)
+
+    def prog(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    out = export_mod.export(model, cfg, output, progress=prog)
+    bar.close()
+    info = inspect_fn(out)
+    res = {"output": str(out), "config": info["config"], "bits_nominal": info["bits_nominal"],
+           "bits_storage": info["bits_storage"], "kv_bytes_per_token": info["kv_bytes_per_token"]}
+    if as_json:
+        _emit_json(res)
+    else:
+        click.echo(f"wrote {out}: {res['config']} ({res['bits_nominal']:.2f} nominal, "
+                   f"{res['bits_storage']:.2f} storage bits per element, {res['kv_bytes_per_token']:.0f} B/token)")
+
+
+@main.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--ctx", type=int, help="also give the KV cache bytes at this context length")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def inspect_cmd(file, ctx, as_json):
+    """Architecture, head sizes, per-layer K/V types, bits and bytes of a GGUF's KV cache."""
+    from .config import _rle
+    from .inspect import inspect as inspect_fn
+
+    r = inspect_fn(file, ctx)
+    if as_json:
+        _emit_json(r)
+        return
+    click.echo(f"{r['path']}: {r['name']} ({r['arch']}), {r['n_layer']} layers, "
+               f"KV heads {_rle([str(x) for x in r['n_head_kv']])}, head K {r['head_k'][0]} / V {r['head_v'][0]}"
+               + (f", sliding window {r['sliding_window']} on {len(r['swa_layers'])} layers" if r["swa_layers"] else ""))
+    click.echo(f"per-layer cache: {r['config']}")
+    click.echo(f"bits per element: {r['bits_nominal']:.2f} nominal, {r['bits_storage']:.2f} storage; "
+               f"{r['kv_bytes_per_token']:.0f} B/token (f16: {r['kv_bytes_per_token_f16']:.0f})")
+    if ctx:
+        click.echo(f"KV cache at {ctx} tokens: {r['kv_bytes_at_ctx'] / 2**20:.2f} MiB")
+    for k, v in r["kvtuner"].items():
+        click.echo(f"  {k} = {v}")
+
+
+@main.command("eval")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--config", type=click.Path(dir_okay=False), help="per-layer config JSON instead of the file's own")
+@click.option("--type-k", help="one K type everywhere instead of the file's own")
+@click.option("--type-v", help="one V type everywhere instead of the file's own")
+@click.option("--text", type=click.Path(dir_okay=False, exists=True), help="text file (default: wikitext-2 test from ../shared/data)")
+@click.option("--ctx", default=2048, show_default=True, help="window length in tokens")
+@click.option("--max-tokens", default=8192, show_default=True, help="score at most this many tokens of the text")
+@click.option("--passkey", is_flag=True, help="also run pass-key retrieval at several depths and lengths")
+@click.option("--gpu-layers", default=0, show_default=True, help="layers to offload (needs a GPU build)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def eval_cmd(file, config, type_k, type_v, text, ctx, max_tokens, passkey, gpu_layers, as_json):
+    """KL divergence, top-1 and perplexity of a cache against the f16 cache, with the engine's floor."""
+    from pathlib import Path
+
+    from . import engine
+    from . import evaluate as ev
+    from .errors import KVTunerError
+
+    cfg = _config_opts(config, type_k, type_v)
+    src = Path(text) if text else ev.shared_text()
+    if src is None:
+        raise KVTunerError("no --text given and ../shared/data/wikitext-2/test.txt is absent")
+    with engine.open_model(file, n_ctx=64, use_file_types=False) as m:
+        tokens = m.tokenize(src.read_text(errors="replace")[: max_tokens * 12])[:max_tokens]
+    if len(tokens) < 16:
+        raise KVTunerError(f"{src}: too little text ({len(tokens)} tokens)")
+    r = ev.evaluate(file, tokens, cfg, type_k, type_v, ctx=ctx, n_gpu_layers=gpu_layers, progress=not as_json)
+    r["text"] = str(src)
+    if passkey:
+        r["passkey"] = ev.passkey(file, cfg, type_k, type_v, n_gpu_layers=gpu_layers, progress=not as_json)
+    if as_json:
+        _emit_json(r)
+        return
+    click.echo(f"{r['config']}: {r['bits_nominal']:.2f} nominal / {r['bits_storage']:.2f} storage bits, "
+               f"cache {r['cache_bytes'] / 2**20:.2f} MiB at {r['ctx']} tokens")
+    click.echo(f"{r['n_tokens']} tokens of {src.name} in {r['windows']} window(s) of {r['ctx']}")
+    click.echo(f"KLD vs f16 cache: mean {r['mean_kld']:.5f}  p99 {r['p99_kld']:.4f}  max {r['max_kld']:.3f}   "
+               f"(engine floor, f16+FA vs f32 no-FA: {r['floor_kld']:.5f})")
+    click.echo(f"top-1 agreement {r['top1']:.4f}   PPL {r['ppl']:.3f} (f16 cache {r['ppl_base']:.3f})")
+    if passkey:
+        p = r["passkey"]
+        click.echo(f"pass key retrieval: {p['accuracy']:.2f} (f16 cache {p['accuracy_base']:.2f}) over "
+                   f"lengths {p['lengths']} x depths {p['depths']} x {p['trials']}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--config", type=click.Path(dir_okay=False), help="per-layer config JSON instead of the file's own")
+@click.option("--ctx", default=4096, show_default=True)
+@click.option("--system", help="system prompt")
+@click.option("--max-tokens", default=512, show_default=True)
+@click.option("--gpu-layers", default=0, show_default=True)
+def chat(file, config, ctx, system, max_tokens, gpu_layers):
+    """Chat with FILE using its chat template and per-layer cache (empty line or /exit ends)."""
+    from . import chat as chat_mod
+    from .config import CacheConfig
+
+    cfg = CacheConfig.load(config) if config else None
+    chat_mod.chat(file, cfg, n_ctx=ctx, system=system, max_tokens=max_tokens, n_gpu_layers=gpu_layers,
+                  read=lambda: click.prompt("you", default="", show_default=False, prompt_suffix="> "),
+                  write=lambda s: click.echo(s, nl=False))
+
+
 if __name__ == "__main__":
     main()

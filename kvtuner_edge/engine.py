@@ -176,14 +176,15 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
                type_k: str | None = None, type_v: str | None = None,
                use_file_types: bool = True, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512,
                flash_attn: bool = True, n_gpu_layers: int = 0, logits_all: bool = False,
-               n_threads: int | None = None, seed: int = 0, verbose: bool = False,
+               n_threads: int | None = None, seed: int = 0, verbose: bool = False, swa_full: bool = False,
                **llama_kwargs) -> Model:
     """Open `path` on the patched engine.
 
     config: per-layer types for this context (no file rewrite). None: the file's own kvtuner
     types when use_file_types, else f16. spec: the engine's own override string instead of a
     config ("k=q8_0*3,q4_0*27;v=q4_0", see native/kvtuner/llama-kvtuner.h), checked by the engine. type_k/type_v: one global type everywhere (wins over
-    per-layer types). Raises ModelFileError / ConfigError / EngineError with the engine's message.
+    per-layer types). swa_full=False gives sliding-window layers a window-sized cache, as llama.cpp's
+    own tools do. Raises ModelFileError / ConfigError / EngineError with the engine's message.
     """
     lib = _bind()
     import llama_cpp
@@ -200,7 +201,7 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
         spec = "off"
 
     kw = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
-              logits_all=logits_all, seed=seed, verbose=verbose,
+              logits_all=logits_all, seed=seed, verbose=verbose, swa_full=swa_full,
               n_threads=n_threads or max(1, os.cpu_count() or 1))
     if type_k:
         kw["type_k"] = T.get(type_k).ggml_id

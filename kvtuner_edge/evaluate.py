@@ -1,6 +1,7 @@
 """Engine-side quality: KL divergence of a cache configuration against the f16 cache."""
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -62,3 +63,106 @@ def shared_text(name: str = "wikitext-2/test.txt") -> Path | None:
             if p.exists():
                 return p
     return None
+
+
+def _resolve_config(info, config, type_k, type_v):
+    """(CacheConfig describing the test cache, kwargs for engine.open_model)."""
+    from .config import CacheConfig
+    from .errors import ConfigError
+
+    if config is not None:
+        return config, {"config": config}
+    if type_k or type_v:
+        cfg = CacheConfig.uniform(info.n_layer, type_k or "f16", type_v or "f16")
+        return cfg, {"config": cfg}
+    if info.type_k is None:
+        raise ConfigError(f"{info.path.name} has no kvtuner per-layer types: give --config or --type-k/--type-v")
+    return CacheConfig(tuple(info.type_k), tuple(info.type_v)), {}
+
+
+def evaluate(path, tokens: Sequence[int], config=None, type_k: str | None = None, type_v: str | None = None,
+             ctx: int = 2048, n_gpu_layers: int = 0, progress: bool = True) -> dict:
+    """KL divergence of the test cache against the f16 cache on the same tokens, in windows of
+    `ctx` tokens, plus the engine's own floor (f16 flash attention vs f32 without it)."""
+    from tqdm import tqdm
+
+    from . import engine
+    from .config import CacheConfig
+    from .gguf_io import model_info
+
+    info = model_info(path)
+    cfg, test_kw = _resolve_config(info, config, type_k, type_v)
+    n_win = len(tokens) // ctx if len(tokens) >= ctx else 1
+    win = min(ctx, len(tokens))
+    windows = [list(tokens[i * win:(i + 1) * win]) for i in range(n_win)]
+    common = dict(n_ctx=win, logits_all=True, n_gpu_layers=n_gpu_layers)
+    kl, kl_floor, top1, nll, nll_base = [], [], [], [], []
+    with engine.open_model(path, CacheConfig.uniform(info.n_layer, "f16"), **common) as base_m, \
+            engine.open_model(path, **test_kw, **common) as test_m, \
+            engine.open_model(path, type_k="f32", type_v="f32", flash_attn=False, use_file_types=False,
+                              **common) as floor_m:
+        allocated = test_m.layer_types()
+        cache_bytes = test_m.cache_bytes()
+        for w in tqdm(windows, desc="eval windows", unit="win", disable=not progress, file=sys.stderr):
+            b = base_m.logits(w)
+            t = test_m.logits(w)
+            kl.append(kld_per_token(b, t))
+            top1.append(b.argmax(-1) == t.argmax(-1))
+            nll.append(nll_per_token(t, w))
+            nll_base.append(nll_per_token(b, w))
+            del t
+            kl_floor.append(kld_per_token(b, floor_m.logits(w)))
+    k = np.concatenate(kl)
+    nom, sto = cfg.bits(info)
+    return {
+        "model": str(path), "config": cfg.short(), "type_k": list(cfg.type_k), "type_v": list(cfg.type_v),
+        "engine_type_k": allocated[0], "engine_type_v": allocated[1], "cache_bytes": cache_bytes,
+        "mean_kld": float(k.mean()), "p99_kld": float(np.quantile(k, 0.99)), "max_kld": float(k.max()),
+        "top1": float(np.concatenate(top1).mean()),
+        "ppl": float(np.exp(np.concatenate(nll).mean())), "ppl_base": float(np.exp(np.concatenate(nll_base).mean())),
+        "floor_kld": float(np.concatenate(kl_floor).mean()),
+        "bits_nominal": nom, "bits_storage": sto, "n_tokens": int(len(k)), "ctx": win, "windows": n_win,
+    }
+
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+
+
+def passkey(path, config=None, type_k: str | None = None, type_v: str | None = None,
+            lengths: Sequence[int] = (256, 512, 1024), depths: Sequence[float] = (0.1, 0.5, 0.9),
+            trials: int = 2, seed: int = 0, n_gpu_layers: int = 0, progress: bool = True) -> dict:
+    """Hide a 5-digit pass key in filler at several depths and lengths; greedy retrieval accuracy
+    with the f16 cache and with the test cache."""
+    import random
+
+    from tqdm import tqdm
+
+    from . import engine
+    from .config import CacheConfig
+    from .gguf_io import model_info
+
+    info = model_info(path)
+    cfg, test_kw = _resolve_config(info, config, type_k, type_v)
+    rng = random.Random(seed)
+    n_ctx = max(lengths) + 128
+    res = {"lengths": list(lengths), "depths": list(depths), "trials": trials}
+    cases = [(L, d, rng.randint(10000, 99999)) for L in lengths for d in depths for _ in range(trials)]
+    for name, kw in (("f16", {"config": CacheConfig.uniform(info.n_layer, "f16")}), ("test", test_kw)):
+        hits = []
+        with engine.open_model(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, **kw) as m:
+            filler_tok = m.tokenize(FILLER, add_bos=False)
+            for L, d, key in tqdm(cases, desc=f"passkey {name}", disable=not progress, file=sys.stderr):
+                head = m.tokenize("There is a pass key hidden in a lot of irrelevant text. Find it and remember it.\n")
+                needle = m.tokenize(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_bos=False)
+                question = m.tokenize(" What is the pass key? The pass key is", add_bos=False)
+                n_fill = max(0, L - len(head) - len(needle) - len(question))
+                fill = (filler_tok * (n_fill // len(filler_tok) + 1))[:n_fill]
+                at = int(n_fill * d)
+                prompt = head + fill[:at] + needle + fill[at:] + question
+                m.reset()
+                out = m.llm.detokenize(m.generate(prompt, 8)).decode("utf-8", "replace")
+                hits.append(str(key) in out.replace(" ", ""))
+        res[f"accuracy_{name}"] = float(np.mean(hits))
+    res["accuracy_base"] = res.pop("accuracy_f16")
+    res["accuracy"] = res.pop("accuracy_test")
+    return res

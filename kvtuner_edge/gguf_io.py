@@ -297,7 +297,7 @@ def encode_kv(key: str, value) -> bytes:
 
 
 def write_with_metadata(src: str | os.PathLike, dst: str | os.PathLike, new_kv: dict[str, Any],
-                        drop_prefix: str = "kvtuner.", progress=None) -> None:
+                        drop_prefix: str = "kvtuner.", progress=None, header: GGUFHeader | None = None) -> None:
     """Copy `src` to `dst` with every key under `drop_prefix` replaced by `new_kv`.
 
     Tensor infos and tensor data are copied byte for byte, streamed (the model is never held in
@@ -307,7 +307,7 @@ def write_with_metadata(src: str | os.PathLike, dst: str | os.PathLike, new_kv: 
     import tempfile
 
     src, dst = Path(src), Path(dst)
-    h = read_header(src)
+    h = header or read_header(src)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ModelFileError(f"{dst}: refusing to overwrite the input model; choose another output path")
     folder = dst.parent if str(dst.parent) else Path(".")
@@ -319,7 +319,7 @@ def write_with_metadata(src: str | os.PathLike, dst: str | os.PathLike, new_kv: 
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=folder)
     except OSError as e:
-        raise ModelFileError(f"{folder}: cannot create a file there ({e.strerror})") from None
+        raise ModelFileError(f"{folder}: output folder is not writable ({e.strerror})") from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as f:

@@ -55,7 +55,7 @@ TRIM_DIRS = (
     "vendor/llama.cpp/ggml/src/ggml-webgpu", "vendor/llama.cpp/ggml/src/ggml-zdnn",
     "vendor/llama.cpp/ggml/src/ggml-hexagon", "vendor/llama.cpp/ggml/src/ggml-openvino",
     "vendor/llama.cpp/ggml/src/ggml-zendnn", "vendor/llama.cpp/ggml/src/ggml-virtgpu",
-    "vendor/llama.cpp/tools/ui", "vendor/llama.cpp/ggml/src/ggml-et", "vendor/llama.cpp/.github",
+    "vendor/llama.cpp/ggml/src/ggml-et", "vendor/llama.cpp/.github",
     "vendor/llama.cpp/conversion", ".git", ".github", "docs", "examples", "tests", "docker",
 )
 
@@ -163,6 +163,61 @@ def write_archive(out: Path) -> None:
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 
+def prepare_source(source: Path, work: Path) -> Path:
+    """Unpack and patch `source` into `work` once; later calls reuse it (and its build folder)."""
+    ready = work / "source-ready"
+    if not ready.exists():
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        top = unpack(source, work)
+        apply_patches(top / "vendor" / "llama.cpp")
+        ready.write_text(top.name)
+    else:
+        log(f"resuming the build in {work}")
+    return work / ready.read_text()
+
+
+TOOLS = ("llama-server", "llama-cli", "llama-bench", "llama-perplexity", "llama-batched-bench")
+
+
+def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int) -> Path:
+    """The patched llama.cpp command-line tools (static build), cached like the wheel; returns their folder."""
+    args = cmake_args(variant, cuda_arch) + ["-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TOOLS=ON",
+                                             "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                                             "-DLLAMA_BUILD_TESTS=OFF",
+                                             "-DCMAKE_BUILD_TYPE=Release"]
+    if source is None:
+        source = fetch_sdist()
+        src_id = SDIST_SHA256
+    else:
+        src_id = sha256_file(source)
+    key = hashlib.sha256(json.dumps({"source": src_id, "ours": sources_hash(), "cmake": args,
+                                     "platform": f"{sys.platform}-{platform.machine()}"},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    bin_dir = cache_root() / "bin" / f"{variant}-{key}"
+    if all((bin_dir / t).exists() for t in TOOLS):
+        log(f"cached tools in {bin_dir}")
+        return bin_dir
+    work = cache_root() / "build" / f"tools-{variant}-{key}"
+    top = prepare_source(source, work)
+    llama_dir = top / "vendor" / "llama.cpp"
+    bdir = work / "cmake"
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    t0 = time.time()
+    log(f"building {', '.join(TOOLS)} ({variant}, key {key})")
+    subprocess.run(["cmake", "-S", str(llama_dir), "-B", str(bdir), *gen, *args], check=True)
+    subprocess.run(["cmake", "--build", str(bdir), "--parallel", str(jobs), "--target", *TOOLS], check=True)
+    tmp = bin_dir.with_name(bin_dir.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for t in TOOLS:
+        shutil.copy2(bdir / "bin" / t, tmp / t)
+    shutil.rmtree(bin_dir, ignore_errors=True)
+    os.replace(tmp, bin_dir)
+    log(f"tools built in {time.time() - t0:.0f} s: {bin_dir}")
+    return bin_dir
+
+
 def build(variant: str, cuda_arch: str, source: Path | None, isolation: bool,
           install: bool, jobs: int, keep_build: bool = False) -> Path:
     args = cmake_args(variant, cuda_arch)
@@ -181,16 +236,7 @@ def build(variant: str, cuda_arch: str, source: Path | None, isolation: bool,
     else:
         # a persistent work folder per key: an interrupted build resumes where ninja stopped
         work = cache_root() / "build" / f"{variant}-{key}"
-        ready = work / "source-ready"
-        if not ready.exists():
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            top = unpack(source, work)
-            apply_patches(top / "vendor" / "llama.cpp")
-            ready.write_text(top.name)
-        else:
-            log(f"resuming the build in {work}")
-        top = work / ready.read_text()
+        top = prepare_source(source, work)
         log(f"building the {variant} engine (key {key}) in {work}; cmake args: {' '.join(args)}")
         t0 = time.time()
         out = work / "wheel"
@@ -240,10 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-archive", type=Path, metavar="OUT.tar.xz",
                     help="write a trimmed source archive (for carrying to a machine without network) and exit")
     ap.add_argument("--print-wheel", action="store_true", help="print the wheel path on the last line")
+    ap.add_argument("--tools", action="store_true",
+                    help="build the patched command-line tools (" + ", ".join(TOOLS) + ") instead of the wheel; "
+                         "prints their folder")
     a = ap.parse_args(argv)
     try:
         if a.write_archive:
             write_archive(a.write_archive)
+            return 0
+        if a.tools:
+            print(build_tools(a.variant, a.cuda_arch, a.source, a.jobs))
             return 0
         wheel = build(a.variant, a.cuda_arch, a.source, not a.no_build_isolation,
                       not a.no_install, a.jobs, a.keep_build)
