@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 VARIANT ?= cpu
 
-.PHONY: setup engine demo test clean
+.PHONY: setup engine tools demo test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(BIN)/python:
 # the patched llama.cpp engine (cached outside the clone: a second build takes seconds)
 engine: $(BIN)/python
 	$(BIN)/python native/build.py --variant $(VARIANT)
+
+# the patched llama.cpp command-line tools (llama-server, llama-cli, llama-bench, llama-perplexity, llama-batched-bench)
+tools: $(BIN)/python
+	$(BIN)/python native/build.py --variant $(VARIANT) --tools
 
 setup: engine
 	$(BIN)/python -m pip install -q -e '.[test]'

@@ -176,7 +176,7 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
                type_k: str | None = None, type_v: str | None = None,
                use_file_types: bool = True, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512,
                flash_attn: bool = True, n_gpu_layers: int = 0, logits_all: bool = False,
-               n_threads: int | None = None, seed: int = 0, verbose: bool = False, swa_full: bool = False,
+               n_threads: int | None = None, seed: int = 0, verbose: bool | None = None, swa_full: bool = False,
                **llama_kwargs) -> Model:
     """Open `path` on the patched engine.
 
@@ -200,6 +200,8 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
     elif spec is None and not use_file_types:
         spec = "off"
 
+    if verbose is None:  # llama.cpp's own log on stderr: KVTUNER_EDGE_VERBOSE=1
+        verbose = os.environ.get("KVTUNER_EDGE_VERBOSE", "0") not in ("", "0")
     kw = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
               logits_all=logits_all, seed=seed, verbose=verbose, swa_full=swa_full,
               n_threads=n_threads or max(1, os.cpu_count() or 1))

@@ -11,9 +11,19 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
-wheel=$(python3 native/build.py --variant cuda --cuda-arch "${CUDA_ARCH:-90}" --source .carry/llama-src.tar.xz \
-        --no-build-isolation --no-install --jobs "$(nproc)" --print-wheel 2>&1 | tee "$OUT/build.log" | tail -n 1)
+python3 native/build.py --variant cuda --cuda-arch "${CUDA_ARCH:-90}" --source .carry/llama-src.tar.xz \
+    --no-build-isolation --no-install --jobs "$(nproc)" --print-wheel > "$OUT/build.log" 2>&1
+wheel=$(tail -n 1 "$OUT/build.log")
 echo "build: $(( $(date +%s) - t0 )) s on $(nproc) cores -> $wheel" | tee -a "$OUT/gpu.txt"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --upgrade "$wheel"
 [ -f /root/smol-random.gguf ] || python3 scripts/make_random_gguf.py --shape smollm2-135m -o /root/smol-random.gguf
-python3 scripts/gpu_engine_check.py /root/smol-random.gguf --json "$OUT/engine_check.json"
+rc=0
+python3 -X faulthandler scripts/gpu_engine_check.py /root/smol-random.gguf --json "$OUT/engine_check.json" \
+    2> "$OUT/check_stderr.log" || rc=$?
+echo "check rc=$rc"
+if [ "$rc" != 0 ]; then  # once more with llama.cpp's log, to see where it stopped
+  KVTUNER_EDGE_VERBOSE=1 python3 -X faulthandler scripts/gpu_engine_check.py /root/smol-random.gguf \
+      > "$OUT/check_verbose.log" 2>&1 || true
+  tail -n 40 "$OUT/check_verbose.log"
+fi
+exit "$rc"
