@@ -80,29 +80,35 @@ def models_fetch(name):
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True,
               help="registry name or path of a GGUF")
 @click.option("--tokens", default=1024, show_default=True, help="evaluation tokens")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="tuned file (default: beside the model)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def demo(model_name, tokens, as_json):
-    """Fetch the default model and run a mixed per-layer cache against uniform ones on the engine."""
+def demo(model_name, tokens, output, as_json):
+    """Fetch the default model, export a hand-made mixed cache into it, inspect and evaluate it."""
     from pathlib import Path
 
     from . import demo as demo_mod
     from .models import fetch, registry
 
-    log = (lambda m: _err(m)) if as_json else click.echo
+    log = _err if as_json else click.echo
     path = fetch(model_name, progress=log) if model_name in registry() else Path(model_name)
-    res = demo_mod.run(path, tokens, progress=log)
+    res = demo_mod.run(path, tokens, Path(output) if output else None, progress=log)
     if as_json:
         _emit_json(res)
         return
-    click.echo("")
-    click.echo(f"{'config':7s} {'nominal':>7s} {'storage':>7s} {'cache MiB':>9s} {'mean KLD':>9s} {'p99 KLD':>8s} "
+    rows = res["rows"]
+    click.echo(f"\n{'cache':6s} {'nominal':>7s} {'storage':>7s} {'MiB':>6s} {'mean KLD':>9s} {'p99 KLD':>8s} "
                f"{'top-1':>6s} {'PPL':>7s}  per-layer types the engine allocated")
-    for r in res["rows"]:
-        click.echo(f"{r['config']:7s} {r['bits_nominal']:7.2f} {r['bits_storage']:7.2f} {r['cache_bytes'] / 2**20:9.2f} "
-                   f"{r['mean_kld']:9.5f} {r['p99_kld']:8.4f} {r['top1']:6.3f} {r['ppl']:7.2f}  {r['layers']}")
+    from .config import _rle
+
+    for r in rows:
+        click.echo(f"{r['cache']:6s} {r['bits_nominal']:7.2f} {r['bits_storage']:7.2f} {r['cache_bytes'] / 2**20:6.2f} "
+                   f"{r['mean_kld']:9.5f} {r['p99_kld']:8.4f} {r['top1']:6.3f} {r['ppl']:7.2f}  "
+                   f"K {_rle(r['engine_type_k'])} | V {_rle(r['engine_type_v'])}")
+    click.echo(f"f16 cache: PPL {rows[0]['ppl_base']:.2f}; engine floor (f16+FA vs f32 no-FA) KLD "
+               f"{rows[0]['floor_kld']:.5f}")
 
 
-def _config_opts(config, type_k, type_v, n_layer_hint=None):
+def _load_config(config, type_k, type_v):
     from .config import CacheConfig
 
     if config and (type_k or type_v):
@@ -188,7 +194,7 @@ def eval_cmd(file, config, type_k, type_v, text, ctx, max_tokens, passkey, gpu_l
     from . import evaluate as ev
     from .errors import KVTunerError
 
-    cfg = _config_opts(config, type_k, type_v)
+    cfg = _load_config(config, type_k, type_v)
     src = Path(text) if text else ev.shared_text()
     if src is None:
         raise KVTunerError("no --text given and ../shared/data/wikitext-2/test.txt is absent")

@@ -14,6 +14,13 @@ if TYPE_CHECKING:
     from .gguf_io import ModelInfo
 
 
+def _get(name: str, which: str, layer: int) -> T.CacheType:
+    try:
+        return T.get(name)
+    except ValueError:
+        raise ConfigError(f"layer {layer}: unknown {which} cache type {name!r}; known: {', '.join(T.TYPES)}") from None
+
+
 def _rle(names: Sequence[str]) -> str:
     out = []
     i = 0
@@ -32,8 +39,8 @@ class CacheConfig:
     type_v: tuple[str, ...]
 
     def __post_init__(self):
-        tk = tuple(T.get_or_config_error(n, "K", i).name for i, n in enumerate(self.type_k))
-        tv = tuple(T.get_or_config_error(n, "V", i).name for i, n in enumerate(self.type_v))
+        tk = tuple(_get(n, "K", i).name for i, n in enumerate(self.type_k))
+        tv = tuple(_get(n, "V", i).name for i, n in enumerate(self.type_v))
         if len(tk) != len(tv):
             raise ConfigError(f"type_k has {len(tk)} entries but type_v has {len(tv)}")
         if not tk:

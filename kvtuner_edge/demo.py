@@ -1,12 +1,14 @@
-"""The main job as it stands: a hand-made mixed per-layer cache against uniform caches, on the engine."""
+"""The main job as it stands: write a hand-made mixed per-layer cache into the model, inspect
+the result, and measure it on the engine against uniform q8_0 and q4_0 caches."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from . import engine
 from .config import CacheConfig
-from .evaluate import compare, shared_text
-from .gguf_io import model_info
+from .evaluate import evaluate_many, shared_text
+from .export import export
+from .inspect import inspect
 
 
 def edge_mixed(n_layer: int, edge: int = 3, k_edge: str = "q8_0", k_mid: str = "q4_0", v: str = "q4_0") -> CacheConfig:
@@ -22,38 +24,26 @@ def self_generated_text(path: Path, n_tokens: int, prompt: str = "The history of
         return (toks + m.generate(toks, n_tokens))[:n_tokens]
 
 
-def run(path: Path, n_tokens: int = 1024, progress=print) -> dict:
-    info = model_info(path)
+def eval_tokens(path: Path, n_tokens: int) -> tuple[list[int], str]:
+    """wikitext-2 test from ../shared/data where present, else text the model generates itself."""
     src = shared_text()
-    if src is not None:
-        text_source = f"{src} (first {n_tokens} tokens)"
-        with engine.open_model(path, n_ctx=64, use_file_types=False) as m:
-            tokens = m.tokenize(src.read_text()[: n_tokens * 8])[:n_tokens]
-    else:
-        text_source = "text the model generated itself (../shared/data is absent)"
-        tokens = self_generated_text(path, n_tokens)
-    progress(f"model {info.name} ({info.arch}, {info.n_layer} layers); {len(tokens)} tokens of {text_source}")
+    if src is None:
+        return self_generated_text(path, n_tokens), "text the model generated itself (../shared/data is absent)"
+    with engine.open_model(path, n_ctx=64, use_file_types=False) as m:
+        return m.tokenize(src.read_text()[: n_tokens * 8])[:n_tokens], f"{src} (first {n_tokens} tokens)"
 
-    configs = {
-        "f16": CacheConfig.uniform(info.n_layer, "f16"),
-        "q8_0": CacheConfig.uniform(info.n_layer, "q8_0"),
-        "mixed": edge_mixed(info.n_layer),
-        "q4_0": CacheConfig.uniform(info.n_layer, "q4_0"),
-    }
-    rows = []
-    base = None
-    for name, cfg in configs.items():
-        with engine.open_model(path, cfg, n_ctx=len(tokens), logits_all=True) as m:
-            logits = m.logits(tokens)
-            tk, tv = m.layer_types()
-            nbytes = m.cache_bytes()
-        if base is None:
-            base = logits
-        st = compare(base, logits, tokens)
-        nom, sto = cfg.bits(info)
-        rows.append({"config": name, "layers": cfg.short(), "engine_k": tk, "engine_v": tv,
-                     "bits_nominal": nom, "bits_storage": sto, "cache_bytes": nbytes,
-                     **st.to_dict()})
-        progress(f"  {name:6s} {cfg.short()}: mean KLD {st.mean_kld:.5f}, top-1 {st.top1:.3f}, "
-                 f"{sto:.2f} storage bits, cache {nbytes / 2**20:.2f} MiB")
-    return {"model": str(path), "text": text_source, "n_tokens": len(tokens), "rows": rows}
+
+def run(path: Path, n_tokens: int = 1024, out: Path | None = None, progress=print) -> dict:
+    info_in = inspect(path)
+    cfg = edge_mixed(info_in["n_layer"])
+    tuned = export(path, cfg, out)
+    info = inspect(tuned)
+    progress(f"exported {tuned}\n  {info['name']} ({info['arch']}, {info['n_layer']} layers): {info['config']}; "
+             f"{info['bits_nominal']:.2f} nominal / {info['bits_storage']:.2f} storage bits, "
+             f"{info['kv_bytes_per_token']:.0f} B/token (f16 {info['kv_bytes_per_token_f16']:.0f})")
+    tokens, text_source = eval_tokens(path, n_tokens)
+    progress(f"evaluating on {len(tokens)} tokens of {text_source}")
+    res = evaluate_many(tuned, tokens, {"q8_0": (None, "q8_0", "q8_0"), "tuned": (None, None, None),
+                                        "q4_0": (None, "q4_0", "q4_0")}, ctx=n_tokens, progress=False)
+    return {"model": str(path), "tuned_file": str(tuned), "inspect": info, "text": text_source,
+            "n_tokens": len(tokens), "rows": [{"cache": name, **r} for name, r in res.items()]}

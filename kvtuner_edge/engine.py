@@ -25,7 +25,7 @@ import numpy as np
 
 from . import types as T
 from .config import CacheConfig
-from .errors import EngineError, ModelFileError
+from .errors import ConfigError, EngineError, ModelFileError
 from .gguf_io import ModelInfo, model_info
 
 _LOCK = threading.Lock()
@@ -83,11 +83,10 @@ class LayerCache:
 class Model:
     """An open model + context on the patched engine."""
 
-    def __init__(self, llm, info: ModelInfo, config: CacheConfig | None, type_k: str | None, type_v: str | None):
+    def __init__(self, llm, info: ModelInfo, config: CacheConfig | None):
         self.llm = llm
         self.info = info
-        self.config = config
-        self.global_types = (type_k, type_v)
+        self.config = config  # the per-layer config asked for (None: the file's own or global types)
 
     # context manager
 
@@ -182,8 +181,8 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
 
     config: per-layer types for this context (no file rewrite). None: the file's own kvtuner
     types when use_file_types, else f16. spec: the engine's own override string instead of a
-    config ("k=q8_0*3,q4_0*27;v=q4_0", see native/kvtuner/llama-kvtuner.h), checked by the engine. type_k/type_v: one global type everywhere (wins over
-    per-layer types). swa_full=False gives sliding-window layers a window-sized cache, as llama.cpp's
+    config ("k=q8_0*3,q4_0*27;v=q4_0", see native/kvtuner/llama-kvtuner.h), checked by the
+    engine. type_k/type_v: one global type everywhere (wins over per-layer types). swa_full=False gives sliding-window layers a window-sized cache, as llama.cpp's
     own tools do. Raises ModelFileError / ConfigError / EngineError with the engine's message.
     """
     lib = _bind()
@@ -205,10 +204,12 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
     kw = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
               logits_all=logits_all, seed=seed, verbose=verbose, swa_full=swa_full,
               n_threads=n_threads or max(1, os.cpu_count() or 1))
-    if type_k:
-        kw["type_k"] = T.get(type_k).ggml_id
-    if type_v:
-        kw["type_v"] = T.get(type_v).ggml_id
+    for key, name in (("type_k", type_k), ("type_v", type_v)):
+        if name:
+            try:
+                kw[key] = T.get(name).ggml_id
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     kw.update(llama_kwargs)
 
     with _override(spec):
@@ -217,10 +218,8 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
         except ValueError as e:
             err = (lib.llama_kvtuner_last_error() or b"").decode()
             if err:
-                from .errors import ConfigError
-
                 raise ConfigError(f"{Path(path).name}: {err}") from None
             if "Failed to load model" in str(e):
                 raise ModelFileError(f"{path}: the engine could not load this model ({e})") from None
             raise EngineError(f"{path}: {e}") from None
-    return Model(llm, info, config, type_k, type_v)
+    return Model(llm, info, config)

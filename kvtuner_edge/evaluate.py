@@ -80,10 +80,15 @@ def _resolve_config(info, config, type_k, type_v):
     return CacheConfig(tuple(info.type_k), tuple(info.type_v)), {}
 
 
-def evaluate(path, tokens: Sequence[int], config=None, type_k: str | None = None, type_v: str | None = None,
-             ctx: int = 2048, n_gpu_layers: int = 0, progress: bool = True) -> dict:
-    """KL divergence of the test cache against the f16 cache on the same tokens, in windows of
-    `ctx` tokens, plus the engine's own floor (f16 flash attention vs f32 without it)."""
+def evaluate_many(path, tokens: Sequence[int], tests: dict, ctx: int = 2048, n_gpu_layers: int = 0,
+                  progress: bool = True) -> dict:
+    """Several test caches against the f16 cache on the same tokens, in windows of `ctx` tokens.
+
+    tests: name -> (config, type_k, type_v) as for evaluate(). The f16 reference and the engine's
+    floor (KLD of f16 flash attention vs f32 without it) are computed once and shared. Returns
+    name -> result dict (see evaluate)."""
+    import contextlib
+
     from tqdm import tqdm
 
     from . import engine
@@ -91,38 +96,55 @@ def evaluate(path, tokens: Sequence[int], config=None, type_k: str | None = None
     from .gguf_io import model_info
 
     info = model_info(path)
-    cfg, test_kw = _resolve_config(info, config, type_k, type_v)
+    resolved = {name: _resolve_config(info, *spec) for name, spec in tests.items()}
     n_win = len(tokens) // ctx if len(tokens) >= ctx else 1
     win = min(ctx, len(tokens))
     windows = [list(tokens[i * win:(i + 1) * win]) for i in range(n_win)]
     common = dict(n_ctx=win, logits_all=True, n_gpu_layers=n_gpu_layers)
-    kl, kl_floor, top1, nll, nll_base = [], [], [], [], []
-    with engine.open_model(path, CacheConfig.uniform(info.n_layer, "f16"), **common) as base_m, \
-            engine.open_model(path, **test_kw, **common) as test_m, \
-            engine.open_model(path, type_k="f32", type_v="f32", flash_attn=False, use_file_types=False,
-                              **common) as floor_m:
-        allocated = test_m.layer_types()
-        cache_bytes = test_m.cache_bytes()
+    acc = {name: {"kl": [], "top1": [], "nll": []} for name in tests}
+    kl_floor, nll_base = [], []
+    with contextlib.ExitStack() as stack:
+        base_m = stack.enter_context(engine.open_model(path, CacheConfig.uniform(info.n_layer, "f16"), **common))
+        floor_m = stack.enter_context(engine.open_model(path, type_k="f32", type_v="f32", flash_attn=False,
+                                                        use_file_types=False, **common))
+        test_m = {name: stack.enter_context(engine.open_model(path, **kw, **common))
+                  for name, (_, kw) in resolved.items()}
+        allocated = {name: (m.layer_types(), m.cache_bytes()) for name, m in test_m.items()}
         for w in tqdm(windows, desc="eval windows", unit="win", disable=not progress, file=sys.stderr):
             b = base_m.logits(w)
-            t = test_m.logits(w)
-            kl.append(kld_per_token(b, t))
-            top1.append(b.argmax(-1) == t.argmax(-1))
-            nll.append(nll_per_token(t, w))
             nll_base.append(nll_per_token(b, w))
-            del t
             kl_floor.append(kld_per_token(b, floor_m.logits(w)))
-    k = np.concatenate(kl)
-    nom, sto = cfg.bits(info)
-    return {
-        "model": str(path), "config": cfg.short(), "type_k": list(cfg.type_k), "type_v": list(cfg.type_v),
-        "engine_type_k": allocated[0], "engine_type_v": allocated[1], "cache_bytes": cache_bytes,
-        "mean_kld": float(k.mean()), "p99_kld": float(np.quantile(k, 0.99)), "max_kld": float(k.max()),
-        "top1": float(np.concatenate(top1).mean()),
-        "ppl": float(np.exp(np.concatenate(nll).mean())), "ppl_base": float(np.exp(np.concatenate(nll_base).mean())),
-        "floor_kld": float(np.concatenate(kl_floor).mean()),
-        "bits_nominal": nom, "bits_storage": sto, "n_tokens": int(len(k)), "ctx": win, "windows": n_win,
-    }
+            for name, m in test_m.items():
+                t = m.logits(w)
+                acc[name]["kl"].append(kld_per_token(b, t))
+                acc[name]["top1"].append(b.argmax(-1) == t.argmax(-1))
+                acc[name]["nll"].append(nll_per_token(t, w))
+    floor = float(np.concatenate(kl_floor).mean())
+    ppl_base = float(np.exp(np.concatenate(nll_base).mean()))
+    out = {}
+    for name, (cfg, _) in resolved.items():
+        k = np.concatenate(acc[name]["kl"])
+        nom, sto = cfg.bits(info)
+        (tk, tv), nbytes = allocated[name]
+        out[name] = {
+            "model": str(path), "config": cfg.short(), "type_k": list(cfg.type_k), "type_v": list(cfg.type_v),
+            "engine_type_k": tk, "engine_type_v": tv, "cache_bytes": nbytes,
+            "mean_kld": float(k.mean()), "p99_kld": float(np.quantile(k, 0.99)), "max_kld": float(k.max()),
+            "top1": float(np.concatenate(acc[name]["top1"]).mean()),
+            "ppl": float(np.exp(np.concatenate(acc[name]["nll"]).mean())), "ppl_base": ppl_base,
+            "floor_kld": floor, "bits_nominal": nom, "bits_storage": sto,
+            "n_tokens": int(len(k)), "ctx": win, "windows": n_win,
+        }
+    return out
+
+
+def evaluate(path, tokens: Sequence[int], config=None, type_k: str | None = None, type_v: str | None = None,
+             ctx: int = 2048, n_gpu_layers: int = 0, progress: bool = True) -> dict:
+    """KL divergence (mean, p99, max), top-1 agreement and perplexity of one cache against the f16
+    cache on the same tokens, in windows of `ctx` tokens, beside the engine's own floor (f16 flash
+    attention vs f32 without it). The cache: `config`, else one global type_k/type_v, else the
+    file's own per-layer types."""
+    return evaluate_many(path, tokens, {"test": (config, type_k, type_v)}, ctx, n_gpu_layers, progress)["test"]
 
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")

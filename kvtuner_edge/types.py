@@ -70,12 +70,3 @@ def name_of(ggml_id: int) -> str:
     t = BY_ID.get(ggml_id)
     return t.name if t else f"ggml_type_{ggml_id}"
 
-
-def get_or_config_error(name: str, which: str, layer: int) -> CacheType:
-    """Like get(), but a ConfigError naming the layer (used while parsing configurations)."""
-    from .errors import ConfigError
-
-    try:
-        return get(name)
-    except ValueError:
-        raise ConfigError(f"layer {layer}: unknown {which} cache type {name!r}; known: {', '.join(TYPES)}") from None

@@ -1,10 +1,30 @@
-"""Bisect a crash at GPU model load: run one variant (A..H) in this process."""
+"""Bisect a crash at GPU model load: run one variant (A..K) in this process.
+
+A..H (all passed on an H200): llama_cpp imported first, then our layers one by one. I..K test the
+difference left with scripts/gpu_engine_check.py (which crashes): numpy, gguf and our header
+reader imported and used *before* llama_cpp loads its libraries.
+"""
 import sys
 
 model, variant = sys.argv[1], sys.argv[2]
+if variant in ("I", "J", "K"):
+    import numpy as np
+
+    if variant in ("J", "K"):
+        from kvtuner_edge.gguf_io import model_info
+
+        model_info(model)  # imports gguf (numpy, yaml) before llama_cpp
+    if variant == "K":
+        from kvtuner_edge import engine
+
+        print("gpu", engine.has_gpu())
+        np.random.default_rng(0).integers(0, 9, size=8)
+        engine.open_model(model, n_gpu_layers=99, n_ctx=1024, logits_all=True)
+        print("ok", variant, flush=True)
+        sys.exit(0)
 import llama_cpp  # noqa: E402
 
-if variant == "A":
+if variant in ("A", "I", "J"):
     llama_cpp.Llama(model, n_gpu_layers=99, n_ctx=512, verbose=False, flash_attn=True)
 else:
     from kvtuner_edge import CacheConfig, engine

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Build (or reuse) the CUDA wheel, then load a random model in variants A..H, one process each.
+# Bisect the open crash at GPU model load (see README "GPU"): variants A..K of scripts/gpu_bisect.py,
+# one process each, then a native backtrace of gpu_engine_check.py under cuda-gdb.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/kvtuner-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 KVTUNER_EDGE_CACHE=/root/kvtuner-cache
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/wheels/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-python3 native/build.py --variant cuda --source .carry/llama-src.tar.xz --no-build-isolation --no-install \
-    --jobs "$(nproc)" --print-wheel > "$OUT/build.log" 2>&1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --upgrade "$(tail -n 1 "$OUT/build.log")"
-[ -f /root/smol-random.gguf ] || python3 scripts/make_random_gguf.py --shape smollm2-135m -o /root/smol-random.gguf
-for v in A B C D E F G H; do
-  timeout 60 python3 scripts/gpu_bisect.py /root/smol-random.gguf $v > "$OUT/bisect_$v.log" 2>&1
-  echo "variant $v: rc=$? $(tail -n 1 "$OUT/bisect_$v.log" | cut -c1-150)"
+source "$(dirname "$0")/gpu_setup.sh"
+mkdir -p /tmp/bisect  # only failing variants' logs go to $OUT (at most 8 files come back)
+for v in A B C D E F G H I J K; do
+  timeout 60 python3 -X faulthandler scripts/gpu_bisect.py "$MODEL" $v > "/tmp/bisect/$v.log" 2>&1
+  rc=$?
+  echo "variant $v: rc=$rc $(tail -n 1 "/tmp/bisect/$v.log" | cut -c1-150)"
+  [ "$rc" = 0 ] || cp "/tmp/bisect/$v.log" "$OUT/bisect_$v.log"
 done
+if command -v cuda-gdb >/dev/null; then
+  timeout 300 cuda-gdb -q -batch -ex run -ex bt --args python3 scripts/gpu_engine_check.py "$MODEL" > /tmp/gdb.txt 2>&1
+  grep -E "^#[0-9]+|SIGSEGV" /tmp/gdb.txt | head -n 40
+fi

@@ -197,8 +197,28 @@ def test_inspect_and_eval_bad_files(tmp_path):
         assert r.exit_code == 1 and r.stderr.startswith("error: ") and str(junk) in r.stderr
 
 
+def test_eval_unknown_global_type(tuned, tmp_path):
+    txt = tmp_path / "t.txt"
+    txt.write_text("hello world " * 200)
+    r = run("eval", tuned, "--text", txt, "--type-k", "q9_0", "--ctx", 128)
+    assert r.exit_code == 1 and "unknown K cache type 'q9_0'" in r.stderr
+
+
 def test_eval_without_types_says_so(smollm2, tmp_path):
     txt = tmp_path / "t.txt"
     txt.write_text("hello world " * 200)
     r = run("eval", smollm2, "--text", txt, "--ctx", 128)
     assert r.exit_code == 1 and "has no kvtuner per-layer types" in r.stderr
+
+
+def test_export_refuses_type_the_head_size_cannot_take(tmp_path):
+    from kvtuner_edge.random_model import write
+
+    model = tmp_path / "head48.gguf"
+    write("tiny-head48", model)
+    c = tmp_path / "cfg.json"
+    c.write_text(json.dumps({"type_k": ["f16", "q8_0", "f16", "f16"], "type_v": ["f16"] * 4}))
+    r = run("export", model, "--config", c, "-o", tmp_path / "o.gguf")
+    assert r.exit_code == 1
+    assert "layer 1: K type q8_0 has block size 32, which does not divide the K head size 48" in r.stderr
+    assert not (tmp_path / "o.gguf").exists() and _no_partial(tmp_path)
