@@ -182,8 +182,9 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
     config: per-layer types for this context (no file rewrite). None: the file's own kvtuner
     types when use_file_types, else f16. spec: the engine's own override string instead of a
     config ("k=q8_0*3,q4_0*27;v=q4_0", see native/kvtuner/llama-kvtuner.h), checked by the
-    engine. type_k/type_v: one global type everywhere (wins over per-layer types). swa_full=False gives sliding-window layers a window-sized cache, as llama.cpp's
-    own tools do. Raises ModelFileError / ConfigError / EngineError with the engine's message.
+    engine. type_k/type_v: one global type everywhere (wins over per-layer types).
+    swa_full=False gives sliding-window layers a window-sized cache, as llama.cpp's own tools
+    do. Raises ModelFileError / ConfigError / EngineError with the engine's message.
     """
     lib = _bind()
     import llama_cpp

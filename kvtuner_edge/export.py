@@ -7,7 +7,6 @@ from typing import Any
 
 from . import __version__
 from .config import CacheConfig
-from .errors import ModelFileError
 from .gguf_io import KEY_TYPE_K, KEY_TYPE_V, model_info, read_header, write_with_metadata
 
 
@@ -35,7 +34,7 @@ def export(model: str | os.PathLike, config: CacheConfig, out: str | os.PathLike
 
     Everything is checked before a byte is written: the model header (a truncated or corrupt
     file is refused), the config against the model (length, known types, block sizes), the
-    output path (not the input, folder exists and is writable). The copy streams the tensors and
+    output path (not the input, folder exists and is writable: write_with_metadata). The copy streams the tensors and
     lands through a temporary file and a rename.
     """
     src = Path(model)
@@ -43,8 +42,6 @@ def export(model: str | os.PathLike, config: CacheConfig, out: str | os.PathLike
     info = model_info(src, h)
     config.validate(info)
     dst = Path(out) if out is not None else default_output(src)
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise ModelFileError(f"{dst}: refusing to overwrite the input model; choose another output path")
     extra = dict(extra or {})
     extra.setdefault("kvtuner.source", "config")
     write_with_metadata(src, dst, metadata_for(config, info, extra), progress=progress, header=h)
