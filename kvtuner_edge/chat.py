@@ -7,10 +7,10 @@ from . import engine
 
 
 def describe_cache(m: "engine.Model") -> str:
-    from .config import _rle
+    from .config import rle
 
     tk, tv = m.layer_types()
-    return (f"KV cache: K {_rle([t or '-' for t in tk])} | V {_rle([t or '-' for t in tv])}, "
+    return (f"KV cache: K {rle([t or '-' for t in tk])} | V {rle([t or '-' for t in tv])}, "
             f"{m.cache_bytes() / 2**20:.1f} MiB at {m.n_ctx} tokens")
 
 

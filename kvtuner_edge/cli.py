@@ -98,12 +98,12 @@ def demo(model_name, tokens, output, as_json):
     rows = res["rows"]
     click.echo(f"\n{'cache':6s} {'nominal':>7s} {'storage':>7s} {'MiB':>6s} {'mean KLD':>9s} {'p99 KLD':>8s} "
                f"{'top-1':>6s} {'PPL':>7s}  per-layer types the engine allocated")
-    from .config import _rle
+    from .config import rle
 
     for r in rows:
         click.echo(f"{r['cache']:6s} {r['bits_nominal']:7.2f} {r['bits_storage']:7.2f} {r['cache_bytes'] / 2**20:6.2f} "
                    f"{r['mean_kld']:9.5f} {r['p99_kld']:8.4f} {r['top1']:6.3f} {r['ppl']:7.2f}  "
-                   f"K {_rle(r['engine_type_k'])} | V {_rle(r['engine_type_v'])}")
+                   f"K {rle(r['engine_type_k'])} | V {rle(r['engine_type_v'])}")
     click.echo(f"f16 cache: PPL {rows[0]['ppl_base']:.2f}; engine floor (f16+FA vs f32 no-FA) KLD "
                f"{rows[0]['floor_kld']:.5f}")
 
@@ -156,7 +156,7 @@ def export(model, config, output, as_json):
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def inspect_cmd(file, ctx, as_json):
     """Architecture, head sizes, per-layer K/V types, bits and bytes of a GGUF's KV cache."""
-    from .config import _rle
+    from .config import rle
     from .inspect import inspect as inspect_fn
 
     r = inspect_fn(file, ctx)
@@ -164,7 +164,7 @@ def inspect_cmd(file, ctx, as_json):
         _emit_json(r)
         return
     click.echo(f"{r['path']}: {r['name']} ({r['arch']}), {r['n_layer']} layers, "
-               f"KV heads {_rle([str(x) for x in r['n_head_kv']])}, head K {r['head_k'][0]} / V {r['head_v'][0]}"
+               f"KV heads {rle([str(x) for x in r['n_head_kv']])}, head K {r['head_k'][0]} / V {r['head_v'][0]}"
                + (f", sliding window {r['sliding_window']} on {len(r['swa_layers'])} layers" if r["swa_layers"] else ""))
     click.echo(f"per-layer cache: {r['config']}")
     click.echo(f"bits per element: {r['bits_nominal']:.2f} nominal, {r['bits_storage']:.2f} storage; "

@@ -21,7 +21,8 @@ def _get(name: str, which: str, layer: int) -> T.CacheType:
         raise ConfigError(f"layer {layer}: unknown {which} cache type {name!r}; known: {', '.join(T.TYPES)}") from None
 
 
-def _rle(names: Sequence[str]) -> str:
+def rle(names: Sequence[str]) -> str:
+    """Run-length form of a per-layer list: ["q8_0", "q8_0", "q4_0"] -> "q8_0*2,q4_0*1"."""
     out = []
     i = 0
     while i < len(names):
@@ -90,10 +91,10 @@ class CacheConfig:
 
     def spec(self) -> str:
         """The engine's override string (llama_kvtuner_set_override / KVTUNER_KV_TYPES)."""
-        return f"k={_rle(self.type_k)};v={_rle(self.type_v)}"
+        return f"k={rle(self.type_k)};v={rle(self.type_v)}"
 
     def short(self) -> str:
-        return f"K {_rle(self.type_k)} | V {_rle(self.type_v)}"
+        return f"K {rle(self.type_k)} | V {rle(self.type_v)}"
 
     def validate(self, info: "ModelInfo", backend: str | None = None) -> None:
         """ConfigError naming the layer when this model (or backend's flash attention) cannot take it."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,31 +27,6 @@ def nll_per_token(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
     lp = log_softmax(logits[:-1])
     nxt = np.asarray(tokens[1:], dtype=np.int64)
     return -lp[np.arange(len(nxt)), nxt]
-
-
-@dataclass
-class KLDStats:
-    mean_kld: float
-    p99_kld: float
-    max_kld: float
-    top1: float       # share of positions where both caches pick the same next token
-    ppl: float
-    ppl_base: float
-    n_tokens: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def compare(base_logits: np.ndarray, test_logits: np.ndarray, tokens: Sequence[int]) -> KLDStats:
-    k = kld_per_token(base_logits, test_logits)
-    top1 = float(np.mean(base_logits.argmax(-1) == test_logits.argmax(-1)))
-    return KLDStats(
-        mean_kld=float(k.mean()), p99_kld=float(np.quantile(k, 0.99)), max_kld=float(k.max()), top1=top1,
-        ppl=float(np.exp(nll_per_token(test_logits, tokens).mean())),
-        ppl_base=float(np.exp(nll_per_token(base_logits, tokens).mean())),
-        n_tokens=len(tokens),
-    )
 
 
 def shared_text(name: str = "wikitext-2/test.txt") -> Path | None:

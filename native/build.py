@@ -163,6 +163,19 @@ def write_archive(out: Path) -> None:
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 
+def build_key(source: Path | None, args: list[str]) -> tuple[Path, str, str]:
+    """(source archive, key description, 16-hex key) for a build of `source` (default: the pinned
+    sdist) with cmake `args`: the cache key of its wheel or tools."""
+    if source is None:
+        source = fetch_sdist()
+        src_id = SDIST_SHA256
+    else:
+        src_id = sha256_file(source)
+    key_src = json.dumps({"source": src_id, "ours": sources_hash(), "cmake": args,
+                          "platform": f"{sys.platform}-{platform.machine()}"}, sort_keys=True)
+    return source, key_src, hashlib.sha256(key_src.encode()).hexdigest()[:16]
+
+
 def prepare_source(source: Path, work: Path) -> Path:
     """Unpack and patch `source` into `work` once; later calls reuse it (and its build folder)."""
     ready = work / "source-ready"
@@ -186,14 +199,7 @@ def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int) ->
                                              "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
                                              "-DLLAMA_BUILD_TESTS=OFF",
                                              "-DCMAKE_BUILD_TYPE=Release"]
-    if source is None:
-        source = fetch_sdist()
-        src_id = SDIST_SHA256
-    else:
-        src_id = sha256_file(source)
-    key = hashlib.sha256(json.dumps({"source": src_id, "ours": sources_hash(), "cmake": args,
-                                     "platform": f"{sys.platform}-{platform.machine()}"},
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    source, _, key = build_key(source, args)
     bin_dir = cache_root() / "bin" / f"{variant}-{key}"
     if all((bin_dir / t).exists() for t in TOOLS):
         log(f"cached tools in {bin_dir}")
@@ -221,14 +227,7 @@ def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int) ->
 def build(variant: str, cuda_arch: str, source: Path | None, isolation: bool,
           install: bool, jobs: int, keep_build: bool = False) -> Path:
     args = cmake_args(variant, cuda_arch)
-    if source is None:
-        source = fetch_sdist()
-        src_id = SDIST_SHA256
-    else:
-        src_id = sha256_file(source)
-    key_src = json.dumps({"source": src_id, "ours": sources_hash(), "cmake": args,
-                          "platform": f"{sys.platform}-{platform.machine()}"}, sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    source, key_src, key = build_key(source, args)
     wheel_dir = cache_root() / "wheels" / f"{variant}-{key}"
     wheels = sorted(wheel_dir.glob("*.whl"))
     if wheels:
