@@ -18,7 +18,10 @@ engine: $(BIN)/python
 tools: $(BIN)/python
 	$(BIN)/python native/build.py --variant $(VARIANT) --tools
 
+# torch: the pinned CPU wheel first (an unpinned torch would pull a CUDA build of several GB);
+# on a GPU machine install your own CUDA torch into the venv before `make setup`
 setup: engine
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 
 demo: setup

@@ -79,11 +79,14 @@ def models_fetch(name):
 @main.command()
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True,
               help="registry name or path of a GGUF")
-@click.option("--tokens", default=1024, show_default=True, help="evaluation tokens")
+@click.option("--budget", default=5.0, show_default=True, help="average bits per cached element")
+@click.option("--budget-unit", "unit", type=click.Choice(["nominal", "storage"]), default="storage", show_default=True)
+@click.option("--tokens", default=1024, show_default=True, help="held-out tokens for the engine check")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="tuned file (default: beside the model)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def demo(model_name, tokens, output, as_json):
-    """Fetch the default model, export a hand-made mixed cache into it, inspect and evaluate it."""
+def demo(model_name, budget, unit, tokens, output, as_json):
+    """Fetch the default model and run the main job on it: export --budget (calibrate, search,
+    export, check on the engine)."""
     from pathlib import Path
 
     from . import demo as demo_mod
@@ -91,21 +94,14 @@ def demo(model_name, tokens, output, as_json):
 
     log = _err if as_json else click.echo
     path = fetch(model_name, progress=log) if model_name in registry() else Path(model_name)
-    res = demo_mod.run(path, tokens, Path(output) if output else None, progress=log)
+    res = demo_mod.run(path, budget, unit, tokens, Path(output) if output else None, progress=not as_json)
     if as_json:
         _emit_json(res)
         return
-    rows = res["rows"]
-    click.echo(f"\n{'cache':6s} {'nominal':>7s} {'storage':>7s} {'MiB':>6s} {'mean KLD':>9s} {'p99 KLD':>8s} "
-               f"{'top-1':>6s} {'PPL':>7s}  per-layer types the engine allocated")
-    from .config import rle
-
-    for r in rows:
-        click.echo(f"{r['cache']:6s} {r['bits_nominal']:7.2f} {r['bits_storage']:7.2f} {r['cache_bytes'] / 2**20:6.2f} "
-                   f"{r['mean_kld']:9.5f} {r['p99_kld']:8.4f} {r['top1']:6.3f} {r['ppl']:7.2f}  "
-                   f"K {rle(r['engine_type_k'])} | V {rle(r['engine_type_v'])}")
-    click.echo(f"f16 cache: PPL {rows[0]['ppl_base']:.2f}; engine floor (f16+FA vs f32 no-FA) KLD "
-               f"{rows[0]['floor_kld']:.5f}")
+    _print_budget(res)
+    info = res["inspect"]
+    click.echo(f"inspect {res['output']}: {info['name']} ({info['arch']}, {info['n_layer']} layers), "
+               f"{info['kv_bytes_per_token']:.0f} B/token of KV cache (f16: {info['kv_bytes_per_token_f16']:.0f})")
 
 
 def _load_config(config, type_k, type_v):
@@ -116,17 +112,101 @@ def _load_config(config, type_k, type_v):
     return CacheConfig.load(config) if config else None
 
 
+def _search_options(f):
+    """Options shared by `export --budget` and `tune`."""
+    opts = [
+        click.option("--types", help="candidate cache types, comma-separated (default: every type the backend's "
+                                     "flash attention runs)"),
+        click.option("--backend", type=click.Choice(["cpu", "cuda", "metal"]), default="cpu", show_default=True,
+                     help="where the file will run: decides the candidate types and the attention path modelled"),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="where torch runs the calibration"),
+        click.option("--calib-file", type=click.Path(dir_okay=False, exists=True),
+                     help="calibration text (default: text the model generates itself)"),
+        click.option("--calib-tokens", default=512, show_default=True, help="calibration tokens"),
+        click.option("--groups", default=8, show_default=True, help="layer groups (clusters) the search chooses for"),
+        click.option("--pop", default=24, show_default=True, help="NSGA-II population"),
+        click.option("--gens", default=5, show_default=True, help="NSGA-II generations on the measured KLD"),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--budget-unit", "unit", type=click.Choice(["nominal", "storage"]), default="nominal",
+                     show_default=True, help="bits the search minimises and the budget counts: nominal (q8_0 = 8, "
+                                             "q4_0 = 4, the paper's) or storage (with block scales: q4_0 = 4.5)"),
+        click.option("--cache-dir", type=click.Path(file_okay=False), help="default: .kvtuner-cache beside the model"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _print_budget(res: dict) -> None:
+    """The table `export --budget` and `demo` print."""
+    from .config import rle
+
+    click.echo(f"wrote {res['output']}: {res['config']}")
+    click.echo(f"  {res['bits_nominal']:.2f} nominal / {res['bits_storage']:.2f} storage bits per element "
+               f"(budget {res['budget']:g} {res['unit']}); predicted KLD {res['predicted_kld']:.5f} on the calibration "
+               f"text ({res['calibration']})")
+    click.echo(f"  calibrate + search {res['seconds']['total']:.0f} s; front and plots: {res['files']['pareto_json']}, "
+               f"{res['files']['pareto_png']}, {res['files'].get('layers_png')}")
+    if not res["rows"]:
+        return
+    r0 = res["rows"][0]
+    click.echo(f"engine check on {res['heldout']} (windows of {r0['ctx']}):")
+    click.echo(f"  {'cache':<17}{'nominal':>8}{'storage':>8}{'MiB':>7}{'pred KLD':>10}{'engine KLD':>11}{'top-1':>7}"
+               f"{'PPL':>7}  per-layer types the engine allocated")
+    for r in res["rows"]:
+        click.echo(f"  {r['cache']:<17}{r['bits_nominal']:>8.2f}{r['bits_storage']:>8.2f}{r['cache_bytes'] / 2**20:>7.2f}"
+                   f"{r['predicted_kld']:>10.5f}{r['engine_kld']:>11.5f}{r['top1']:>7.3f}{r['ppl']:>7.2f}  "
+                   f"K {rle(r['engine_type_k'])} | V {rle(r['engine_type_v'])}")
+    click.echo(f"  f16 cache PPL {r0['ppl_base']:.2f}; engine floor (f16 flash attention vs f32 without) KLD "
+               f"{r0['floor_kld']:.5f}")
+    click.echo("  pred KLD: torch on the calibration text (clean model, no engine floor); engine KLD: the patched "
+               "llama.cpp on held-out text")
+
+
+def _tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, cache_dir) -> dict:
+    return dict(types=[t.strip() for t in types.split(",") if t.strip()] if types else None, backend=backend,
+                device=device, calib_file=calib_file, n_calib=calib_tokens, groups=groups, pop=pop, gens=gens,
+                seed=seed, cache_dir=cache_dir)
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--config", "config", type=click.Path(dir_okay=False), required=True,
-              help='JSON {"type_k": [...], "type_v": [...]}, one ggml type name per layer')
+@click.option("--budget", type=float, help="average bits per cached element: search and export the best "
+                                           "configuration within it")
+@click.option("--config", "config", type=click.Path(dir_okay=False),
+              help='JSON {"type_k": [...], "type_v": [...]} to write as it is (instead of --budget)')
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="default: MODEL.kvtuner.gguf beside the input")
+@click.option("--no-check", is_flag=True, help="with --budget: skip the engine check on held-out text")
+@click.option("--eval-tokens", default=1024, show_default=True, help="held-out tokens for the engine check")
+@_search_options
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def export(model, config, output, as_json):
-    """Write per-layer K/V cache types into a copy of MODEL (tensors unchanged)."""
+def export(model, budget, config, output, no_check, eval_tokens, types, backend, device, calib_file,
+           calib_tokens, groups, pop, gens, seed, unit, cache_dir, as_json):
+    """Write per-layer K/V cache types into a copy of MODEL (tensors unchanged).
+
+    With --budget B: calibrate, search (both cached beside the model) and write the lowest-KLD
+    configuration within B bits, then measure it on the engine against uniform caches."""
     from . import export as export_mod
-    from .config import CacheConfig
+    from .errors import ConfigError
     from .inspect import inspect as inspect_fn
+
+    if (budget is None) == (config is None):
+        raise ConfigError("give either --budget B (search) or --config FILE (write as it is)")
+    if budget is not None:
+        from .tune import export_budget
+
+        res = export_budget(model, budget, output, unit=unit, validate=not no_check, n_eval=eval_tokens,
+                            progress=not as_json,
+                            **_tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed,
+                                       cache_dir))
+        if as_json:
+            _emit_json(res)
+        else:
+            _print_budget(res)
+        return
+
+    from .config import CacheConfig
 
     cfg = CacheConfig.load(config)
     from tqdm import tqdm
@@ -148,6 +228,37 @@ def export(model, config, output, as_json):
     else:
         click.echo(f"wrote {out}: {res['config']} ({res['bits_nominal']:.2f} nominal, "
                    f"{res['bits_storage']:.2f} storage bits per element, {res['kv_bytes_per_token']:.0f} B/token)")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Pareto front JSON (default: "
+                                                                        "MODEL.pareto.json beside the model)")
+@_search_options
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def tune(model, output, types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, unit, cache_dir,
+         as_json):
+    """Calibrate and search MODEL; write the Pareto front (JSON + PNG) without exporting."""
+    from pathlib import Path
+
+    from .tune import report, tune as tune_fn
+
+    run = tune_fn(model, progress=not as_json, unit=unit,
+                  **_tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, cache_dir))
+    out = Path(output) if output else Path(model).with_suffix(".pareto.json")
+    files = report(run, out)
+    front = [run.result.points[i] for i in run.result.front]
+    if as_json:
+        _emit_json({"files": files, "seconds": run.seconds, "front": [p.__dict__ for p in front],
+                    "baselines": run.baselines})
+        return
+    click.echo(f"{len(front)} configurations on the front ({run.result.evaluations} measured), "
+               f"{run.seconds['total']:.0f} s; {files['pareto_json']}, {files['pareto_png']}")
+    from .config import rle
+
+    click.echo(f"  {'nominal':>8}{'storage':>8}{'KLD':>10}  config")
+    for p in front:
+        click.echo(f"  {p.bits_nominal:>8.2f}{p.bits_storage:>8.2f}{p.kld:>10.5f}  K {rle(p.type_k)} | V {rle(p.type_v)}")
 
 
 @main.command("inspect")

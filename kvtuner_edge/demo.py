@@ -1,13 +1,12 @@
-"""The main job as it stands: write a hand-made mixed per-layer cache into the model, inspect
-the result, and measure it on the engine against uniform q8_0 and q4_0 caches."""
+"""The main job on the default model: `export --budget` (calibrate, search, export, check), plus
+the helpers the tests share (a hand-made mixed config, evaluation text)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from . import engine
 from .config import CacheConfig
-from .evaluate import evaluate_many, shared_text
-from .export import export
+from .evaluate import shared_text
 from .inspect import inspect
 
 
@@ -33,17 +32,13 @@ def eval_tokens(path: Path, n_tokens: int) -> tuple[list[int], str]:
         return m.tokenize(src.read_text()[: n_tokens * 8])[:n_tokens], f"{src} (first {n_tokens} tokens)"
 
 
-def run(path: Path, n_tokens: int = 1024, out: Path | None = None, progress=print) -> dict:
-    info_in = inspect(path)
-    cfg = edge_mixed(info_in["n_layer"])
-    tuned = export(path, cfg, out)
-    info = inspect(tuned)
-    progress(f"exported {tuned}\n  {info['name']} ({info['arch']}, {info['n_layer']} layers): {info['config']}; "
-             f"{info['bits_nominal']:.2f} nominal / {info['bits_storage']:.2f} storage bits, "
-             f"{info['kv_bytes_per_token']:.0f} B/token (f16 {info['kv_bytes_per_token_f16']:.0f})")
-    tokens, text_source = eval_tokens(path, n_tokens)
-    progress(f"evaluating on {len(tokens)} tokens of {text_source}")
-    res = evaluate_many(tuned, tokens, {"q8_0": (None, "q8_0", "q8_0"), "tuned": (None, None, None),
-                                        "q4_0": (None, "q4_0", "q4_0")}, ctx=n_tokens, progress=False)
-    return {"model": str(path), "tuned_file": str(tuned), "inspect": info, "text": text_source,
-            "n_tokens": len(tokens), "rows": [{"cache": name, **r} for name, r in res.items()]}
+def run(path: Path, budget: float = 5.0, unit: str = "storage", n_tokens: int = 1024, out: Path | None = None,
+        progress: bool = True) -> dict:
+    """The main job: calibrate and search the model (cached beside it), export the lowest-KLD
+    per-layer cache within `budget` bits, inspect the file, and measure it on the engine against
+    uniform caches of nearby bits on held-out text."""
+    from .tune import export_budget
+
+    res = export_budget(path, budget, out, unit=unit, n_eval=n_tokens, progress=progress)
+    res["inspect"] = inspect(Path(res["output"]))
+    return res

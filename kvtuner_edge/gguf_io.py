@@ -296,6 +296,29 @@ def encode_kv(key: str, value) -> bytes:
     raise TypeError(f"cannot encode {key}={value!r} as GGUF metadata")
 
 
+def check_output(src: str | os.PathLike, dst: str | os.PathLike, probe: bool = True) -> Path:
+    """ModelFileError unless dst can receive a copy of src: not src itself, in an existing folder
+    we may write (probe: create and remove a temporary file there, since root passes access())."""
+    import tempfile
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ModelFileError(f"{dst}: refusing to overwrite the input model; choose another output path")
+    folder = dst.parent if str(dst.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder}: output folder does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ModelFileError(f"{folder}: output folder is not writable")
+    if probe:
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".probe", dir=folder)
+        except OSError as e:
+            raise ModelFileError(f"{folder}: output folder is not writable ({e.strerror})") from None
+        os.close(fd)
+        os.unlink(name)
+    return folder
+
+
 def write_with_metadata(src: str | os.PathLike, dst: str | os.PathLike, new_kv: dict[str, Any],
                         drop_prefix: str = "kvtuner.", progress=None, header: GGUFHeader | None = None) -> None:
     """Copy `src` to `dst` with every key under `drop_prefix` replaced by `new_kv`.
@@ -308,13 +331,7 @@ def write_with_metadata(src: str | os.PathLike, dst: str | os.PathLike, new_kv: 
 
     src, dst = Path(src), Path(dst)
     h = header or read_header(src)
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise ModelFileError(f"{dst}: refusing to overwrite the input model; choose another output path")
-    folder = dst.parent if str(dst.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelFileError(f"{folder}: output folder does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ModelFileError(f"{folder}: output folder is not writable")
+    folder = check_output(src, dst, probe=False)
     kept = [k for k in h.kv_ranges if not k.startswith(drop_prefix)]
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=folder)

@@ -181,7 +181,6 @@ class TorchModel:
                 post_attn_norm=get(p + "post_attention_norm.weight", False),
                 post_ffn_norm=get(p + "post_ffw_norm.weight", False))
             self.layers.append(lw)
-        del mm
         self._had: dict[int, torch.Tensor] = {}
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[tuple, torch.Tensor] = {}

@@ -1,0 +1,406 @@
+"""The whole KVTuner path for one GGUF: calibrate (cached), search (cached), pick by budget, export,
+check on the engine.
+
+    from kvtuner_edge.tune import tune, export_budget
+    run = tune("model.gguf")                       # profile + Pareto front, cached next to the model
+    summary = export_budget("model.gguf", 5.0)     # pick within 5 nominal bits, write model.kvtuner.gguf
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from . import types as T
+from .config import CacheConfig
+from .errors import ConfigError
+from .gguf_io import check_output, model_info, read_header
+
+DEFAULT_CALIB_TOKENS = 512
+CALIB_PROMPT = "The history of the city begins"
+HELDOUT_PROMPT = "Scientists studying the ocean have found"
+
+
+def _log(msg: str, progress: bool = True) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# candidates and budgets ---------------------------------------------------------------------------
+
+def candidate_types(info, backend: str = "cpu", types: Sequence[str] | None = None) -> list[str]:
+    """The cache types a search may use: `types` if given (each checked), else every default
+    candidate the backend's flash attention runs; all must fit the model's head sizes."""
+    if backend not in ("cpu", "cuda", "metal"):
+        raise ConfigError(f"backend must be cpu, cuda or metal, got {backend!r}")
+    heads = [h for il in info.kv_layers for h in (info.head_k[il], info.head_v[il])]
+    if types:
+        out = []
+        for name in types:
+            try:
+                t = T.get(name)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if backend not in t.fa_backends:
+                raise ConfigError(f"{t.name} is not a {backend} flash-attention type "
+                                  f"({backend} runs: {', '.join(n for n in T.CANDIDATES if backend in T.get(n).fa_backends)})")
+            bad = [h for h in heads if h % t.block]
+            if bad:
+                raise ConfigError(f"{t.name} has block size {t.block}, which does not divide head size {bad[0]}")
+            if t.name not in out:
+                out.append(t.name)
+        return out
+    return [n for n in T.CANDIDATES if backend in T.get(n).fa_backends
+            and all(h % T.get(n).block == 0 for h in heads)]
+
+
+def candidate_pairs(types: Sequence[str], backend: str) -> list[tuple[str, str]]:
+    if backend in T.SAME_KV_TYPE_BACKENDS:
+        return [(t, t) for t in types]
+    return [(k, v) for k in types for v in types]
+
+
+def feasible_range(info, pairs: Sequence[tuple[str, str]], unit: str = "nominal") -> tuple[float, float]:
+    """Lowest and highest average bits any per-layer choice of these pairs gives."""
+    lo = hi = n = 0.0
+    for il in info.kv_layers:
+        ne_k, ne_v = info.n_embd_k(il), info.n_embd_v(il)
+        vals = []
+        for k, v in pairs:
+            tk, tv = T.get(k), T.get(v)
+            bk, bv = (tk.nominal_bits, tv.nominal_bits) if unit == "nominal" else (tk.storage_bits, tv.storage_bits)
+            vals.append(bk * ne_k + bv * ne_v)
+        lo += min(vals)
+        hi += max(vals)
+        n += ne_k + ne_v
+    return lo / n, hi / n
+
+
+def check_budget(budget: float, lo: float, hi: float, unit: str, types: Sequence[str]) -> None:
+    if not (lo - 1e-9 <= budget <= hi + 1e-9):
+        raise ConfigError(f"budget {budget:g} is outside what the candidate types ({', '.join(types)}) allow: "
+                          f"{lo:.3g} to {hi:.3g} {unit} bits per cached element")
+
+
+# caching --------------------------------------------------------------------------------------------
+
+def fingerprint(path: Path) -> str:
+    """sha256 over the header (metadata + tensor table), the size and 16 spread 64 KiB samples of
+    the tensor data: identifies a model file in well under a second at any size."""
+    h = read_header(path)
+    size = path.stat().st_size
+    d = hashlib.sha256()
+    with open(path, "rb") as f:
+        d.update(f.read(h.data_offset))
+        d.update(str(size).encode())
+        span = max(1, size - h.data_offset - 65536)
+        for i in range(16):
+            f.seek(h.data_offset + span * i // 15)
+            d.update(f.read(65536))
+    return d.hexdigest()[:16]
+
+
+def cache_dir_for(path: Path, cache_dir: Path | None = None) -> Path:
+    """<model folder>/.kvtuner-cache when writable, else ~/.cache/kvtuner-edge/tune."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    near = path.resolve().parent / ".kvtuner-cache"
+    try:
+        near.mkdir(exist_ok=True)
+        probe = near / f".probe{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+        return near
+    except OSError:
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvtuner-edge" / "tune"
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# text --------------------------------------------------------------------------------------------------
+
+def generated_tokens(path: Path, n: int, prompt: str, seed: int, temperature: float = 0.8) -> list[int]:
+    """Data-free text: the model's own sampled continuation of a prompt (f16 cache)."""
+    from . import engine
+
+    with engine.open_model(path, n_ctx=n + 64, use_file_types=False, seed=seed) as m:
+        toks = m.tokenize(prompt)
+        return (toks + m.generate(toks, n, temperature=temperature))[:n]
+
+
+def text_tokens(path: Path, text_file: Path, n: int) -> list[int]:
+    from . import engine
+
+    p = Path(text_file)
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the text file: {e}") from None
+    with engine.open_model(path, n_ctx=64, use_file_types=False) as m:
+        toks = m.tokenize(text[: n * 12])
+    if len(toks) < min(n, 128):
+        raise ConfigError(f"{p}: only {len(toks)} tokens of text; calibration needs at least {min(n, 128)}")
+    return toks[:n]
+
+
+def calibration_tokens(path: Path, calib_file: Path | None, n: int, seed: int = 0) -> tuple[list[int], str]:
+    if calib_file is not None:
+        return text_tokens(path, calib_file, n), f"file {Path(calib_file).name} (first {n} tokens)"
+    return generated_tokens(path, n, CALIB_PROMPT, seed), f"self-generated ({n} tokens, seed {seed})"
+
+
+def heldout_tokens(path: Path, n: int) -> tuple[list[int], str]:
+    """wikitext-2 test from ../shared/data where present, else self-generated text from another prompt and seed."""
+    from .evaluate import shared_text
+
+    src = shared_text()
+    if src is not None:
+        return text_tokens(path, src, n), f"wikitext-2 test (first {n} tokens)"
+    return generated_tokens(path, n, HELDOUT_PROMPT, seed=1234), f"self-generated held-out text ({n} tokens)"
+
+
+# the pipeline ------------------------------------------------------------------------------------------
+
+@dataclass
+class TuneRun:
+    model: Path
+    info: object
+    backend: str
+    unit_range: dict                      # unit -> (lo, hi)
+    types: list[str]
+    pairs: list[tuple[str, str]]
+    calibration: str
+    profile: object                       # calibrate.profile.Profile
+    result: object                        # search.Result
+    baselines: list[dict]
+    files: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+
+def _torch_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device here (install a CUDA build of torch)")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda, got {device!r}")
+    return device
+
+
+def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backend: str = "cpu",
+         device: str | None = None, calib_file: str | os.PathLike | None = None,
+         n_calib: int = DEFAULT_CALIB_TOKENS, max_positions: int = 256, max_pairs: int = 8,
+         groups: int = 8, pop: int = 24, gens: int = 5, seed: int = 0, cache_dir: str | os.PathLike | None = None,
+         unit: str = "nominal", progress: bool = True) -> TuneRun:
+    """Calibrate and search `model` (both cached and resumable); returns the measured Pareto front
+    of (average `unit` bits, KLD)."""
+    from . import engine
+
+    engine._bind()          # the engine's libraries before torch/numpy (see engine.py)
+    import torch
+
+    from .calibrate.model import TorchModel, kld_many, log_probs
+    from .calibrate.profile import kld_positions, sensitivity
+    from .search import Layout, Result, build_space, search
+
+    path = Path(model)
+    info = model_info(path)
+    if not info.kv_layers:
+        raise ConfigError(f"{path.name}: the {info.arch} model has no KV cache layers to tune")
+    tlist = candidate_types(info, backend, types)
+    pairs = candidate_pairs(tlist, backend)
+    ranges = {u: feasible_range(info, pairs, u) for u in ("nominal", "storage")}
+    dev = _torch_device(device)
+    t_start = time.time()
+    cdir = cache_dir_for(path, Path(cache_dir) if cache_dir else None)
+    fp = fingerprint(path)
+
+    tokens, source = calibration_tokens(path, Path(calib_file) if calib_file else None, n_calib, seed)
+    tok_hash = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:12]
+    pkey = _key("profile", fp, tok_hash, pairs, backend, max_positions, max_pairs, 1)
+    _log(f"calibrating on {source}; {len(pairs)} (K, V) pairs of {', '.join(tlist)}; torch on {dev}; "
+         f"cache {cdir}", progress)
+    if dev == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t0 = time.time()
+    tm = TorchModel(path, device=dev, backend="cuda" if backend == "cuda" else "cpu")
+    t_load = time.time() - t0
+    prof = sensitivity(tm, tokens, pairs, key=pkey, cache=cdir / f"profile-{pkey}.json",
+                       max_positions=max_positions, max_pairs=max_pairs, progress=progress,
+                       settings={"source": source, "n_tokens": len(tokens), "device": dev})
+    attn, kld = prof.arrays()
+
+    layout = Layout.of(info)
+    space = build_space(attn, kld, pairs, layout, n_groups=groups, unit=unit)
+    skey = _key("search", pkey, unit, groups, pop, gens, seed, [list(c) for c in space.choices], space.groups, 1)
+    final = cdir / f"search-{skey}.json"
+    partial = cdir / f"search-{skey}.partial.json"
+    pos = torch.as_tensor(kld_positions(len(tokens), max_positions), device=tm.device)
+    ref = None
+
+    def evaluate(configs):
+        nonlocal ref
+        with torch.inference_mode():
+            if ref is None:
+                ref = log_probs(tm.forward(tokens, None, pos))
+            return kld_many(tm, tokens, configs, ref, pos)
+
+    t1 = time.time()
+    if final.exists():
+        saved = json.loads(final.read_text())
+        result = Result.from_json(saved["result"])
+        baselines = saved["baselines"]
+        _log(f"search results from the cache ({result.evaluations} configurations measured)", progress)
+    else:
+        archive = {}
+        if partial.exists():
+            try:
+                archive = {tuple(json.loads(k)): v for k, v in json.loads(partial.read_text()).items()}
+                _log(f"resuming the search: {len(archive)} configurations already measured", progress)
+            except (OSError, ValueError):
+                archive = {}
+
+        def checkpoint(arch):
+            tmp = partial.with_name(partial.name + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({json.dumps(list(k)): v for k, v in arch.items()}))
+            os.replace(tmp, partial)
+
+        from tqdm import tqdm
+
+        _log(f"searching: {len(space.groups)} layer groups, choices per group "
+             f"{[len(c) for c in space.choices]}", progress)
+        bar = tqdm(total=pop * (gens + 1), desc="NSGA-II (measured KLD)", unit="cfg", disable=not progress,
+                   file=sys.stderr)
+
+        def prog(done, total):
+            bar.total = max(total, done)
+            bar.n = done
+            bar.refresh()
+
+        result = search(space, evaluate, pop=pop, gens=gens, seed=seed, progress=prog, archive=archive,
+                        on_batch=checkpoint)
+        bar.close()
+        uni = [(k, v) for k, v in pairs if k == v] + [p for p in (("q8_0", "q4_0"),) if p in pairs]
+        cfgs = [([k] * info.n_layer, [v] * info.n_layer) for k, v in uni]
+        vals = evaluate(cfgs)
+        baselines = []
+        for (k, v), val in zip(uni, vals):
+            c = CacheConfig.uniform(info.n_layer, k, v)
+            nom, sto = c.bits(info)
+            baselines.append({"name": k if k == v else f"K {k} / V {v}", "type_k": k, "type_v": v,
+                              "bits_nominal": nom, "bits_storage": sto, "kld": float(val)})
+        cdir.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"result": result.to_json(), "baselines": baselines}))
+        os.replace(tmp, final)
+        partial.unlink(missing_ok=True)
+    t_search = time.time() - t1
+    return TuneRun(path, info, backend, ranges, tlist, pairs, source, prof, result, baselines,
+                   files={"profile": str(cdir / f"profile-{pkey}.json"), "search": str(final)},
+                   seconds={"load": t_load, "profile": sum(prof.seconds.values()), "search": t_search,
+                            "total": time.time() - t_start})
+
+
+def report(run: TuneRun, out_json: Path, chosen=None) -> dict:
+    """Write the Pareto front as JSON and PNG (and the chosen configuration's layer map) beside out_json."""
+    from . import plots
+
+    res = run.result
+    unit = res.settings.get("unit", "nominal")
+    pts = [p.__dict__ for p in res.points]
+    doc = {
+        "model": str(run.model), "backend": run.backend, "candidate_types": run.types,
+        "calibration": run.calibration, "feasible_bits": {u: list(r) for u, r in run.unit_range.items()},
+        "groups": res.groups, "group_choices": res.choices, "evaluations": res.evaluations,
+        "seconds": run.seconds, "front": [pts[i] for i in res.front],
+        "front_storage": [pts[i] for i in res.front_storage], "baselines": run.baselines,
+        "chosen": chosen.__dict__ if chosen is not None else None, "tool_version": __version__,
+    }
+    out_json = Path(out_json)
+    tmp = out_json.with_name(out_json.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, out_json)
+    stem = out_json.with_suffix("")              # x.pareto.json -> x.pareto
+    files = {"pareto_json": str(out_json)}
+    files["pareto_png"] = str(plots.pareto(Path(str(stem) + ".png"), pts, res.front if unit == "nominal" else res.front_storage,
+                                           run.baselines, chosen.__dict__ if chosen is not None else None, unit,
+                                           title=f"{run.model.name}: KV cache configurations (torch KLD, calibration text)"))
+    if chosen is not None:
+        files["layers_png"] = str(plots.layer_map(stem.with_name(stem.name.replace(".pareto", "") + ".layers.png"),
+                                                  chosen.type_k, chosen.type_v,
+                                                  title=f"{run.model.name}: chosen per-layer K/V types"))
+    return files
+
+
+def export_budget(model: str | os.PathLike, budget: float, out: str | os.PathLike | None = None, *,
+                  unit: str = "nominal", validate: bool = True, n_eval: int = 1024, progress: bool = True,
+                  **tune_kw) -> dict:
+    """Tune (cached), pick the lowest-KLD configuration within `budget` bits, export it with
+    provenance, and measure it on the engine against uniform caches of nearby bits on held-out text."""
+    from . import engine  # noqa: F401  (llama.cpp's libraries before numpy: see engine.py)
+    from . import evaluate as E
+    from .export import default_output, export
+
+    path = Path(model)
+    if unit not in ("nominal", "storage"):
+        raise ConfigError(f"budget unit must be nominal or storage, got {unit!r}")
+    info = model_info(path)
+    if not info.kv_layers:
+        raise ConfigError(f"{path.name}: the {info.arch} model has no KV cache layers to tune")
+    backend = tune_kw.get("backend", "cpu")
+    tlist = candidate_types(info, backend, tune_kw.get("types"))
+    lo, hi = feasible_range(info, candidate_pairs(tlist, backend), unit)
+    check_budget(budget, lo, hi, unit, tlist)
+    dst = Path(out) if out is not None else default_output(path)
+    read_header(path)                      # a corrupt or truncated model fails here, before any work
+    check_output(path, dst)
+
+    run = tune(path, progress=progress, unit=unit, **tune_kw)
+    chosen = run.result.pick(budget, unit, feasible=(lo, hi))
+    cfg = CacheConfig(tuple(chosen.type_k), tuple(chosen.type_v))
+    extra = {
+        "kvtuner.source": "search",
+        "kvtuner.budget": float(budget),
+        "kvtuner.budget_unit": unit,
+        "kvtuner.predicted_kld": float(chosen.kld),
+        "kvtuner.candidate_types": list(run.types),
+        "kvtuner.backend": backend,
+        "kvtuner.calibration": run.calibration,
+        "kvtuner.search": f"NSGA-II over {len(run.result.groups)} layer groups, "
+                          f"{run.result.evaluations} configurations measured (torch KLD)",
+    }
+    export(path, cfg, dst, extra=extra)
+    files = report(run, dst.with_name(dst.stem + ".pareto.json"), chosen)
+    summary = {"model": str(path), "output": str(dst), "budget": budget, "unit": unit,
+               "config": cfg.short(), "type_k": list(cfg.type_k), "type_v": list(cfg.type_v),
+               "bits_nominal": chosen.bits_nominal, "bits_storage": chosen.bits_storage,
+               "predicted_kld": chosen.kld, "calibration": run.calibration, "files": {**run.files, **files},
+               "seconds": run.seconds, "rows": []}
+    if validate:
+        toks, src = heldout_tokens(path, n_eval)
+        tests = {"chosen": (cfg, None, None)}
+        key = "bits_nominal" if unit == "nominal" else "bits_storage"
+        near = sorted(run.baselines, key=lambda b: abs(b[key] - chosen.__dict__[key]))[:3]
+        for b in near:
+            tests[b["name"]] = (CacheConfig.uniform(info.n_layer, b["type_k"], b["type_v"]), None, None)
+        _log(f"checking on the engine: {len(tests)} caches on {src}", progress)
+        res = E.evaluate_many(dst, toks, tests, ctx=min(n_eval, len(toks)), progress=progress)
+        pred = {"chosen": chosen.kld, **{b["name"]: b["kld"] for b in near}}
+        summary["heldout"] = src
+        summary["rows"] = [{"cache": name, "bits_nominal": r["bits_nominal"], "bits_storage": r["bits_storage"],
+                            "predicted_kld": pred[name], "engine_kld": r["mean_kld"], "p99_kld": r["p99_kld"],
+                            "top1": r["top1"], "ppl": r["ppl"], "ppl_base": r["ppl_base"], "floor_kld": r["floor_kld"],
+                            "cache_bytes": r["cache_bytes"], "ctx": r["ctx"],
+                            "engine_type_k": r["engine_type_k"], "engine_type_v": r["engine_type_v"]}
+                           for name, r in res.items()]
+    return summary
