@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
+# Load llama.cpp's shared libraries before numpy: on the GPU machine a CUDA build segfaulted
+# inside libggml-cuda.so at the first model load whenever numpy had been imported first
+# (scripts/gpu_bisect.py variants I-K; llama_cpp imported first: fine). See the README, "GPU".
+try:
+    import llama_cpp as _llama_cpp  # noqa: F401
+except ImportError:   # reported with a build hint by _bind()
+    _llama_cpp = None
+
+import numpy as np  # noqa: E402
 
 from . import types as T
 from .config import CacheConfig
@@ -150,10 +158,12 @@ class Model:
         self.llm.eval(list(tokens))
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32, copy=True)
 
-    def generate(self, tokens: Sequence[int], n: int) -> list[int]:
-        """Greedy continuation of `tokens` (evaluated on top of whatever the context already holds)."""
+    def generate(self, tokens: Sequence[int], n: int, temperature: float = 0.0) -> list[int]:
+        """Continuation of `tokens` (evaluated on top of whatever the context already holds): greedy,
+        or sampled at `temperature` (top-k 40, top-p 0.95, the seed given to open_model)."""
         out = []
-        for tok in self.llm.generate(list(tokens), temp=0.0, top_k=1, reset=False):
+        kw = dict(temp=0.0, top_k=1) if temperature <= 0 else dict(temp=temperature, top_k=40, top_p=0.95)
+        for tok in self.llm.generate(list(tokens), reset=False, **kw):
             out.append(int(tok))
             if len(out) >= n:
                 break
@@ -202,8 +212,9 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
 
     if verbose is None:  # llama.cpp's own log on stderr: KVTUNER_EDGE_VERBOSE=1
         verbose = os.environ.get("KVTUNER_EDGE_VERBOSE", "0") not in ("", "0")
+    # llama-cpp-python reads seed 0 as "random" (`seed or LLAMA_DEFAULT_SEED`): keep 0 reproducible
     kw = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
-              logits_all=logits_all, seed=seed, verbose=verbose, swa_full=swa_full,
+              logits_all=logits_all, seed=seed if seed != 0 else 0x5EED, verbose=verbose, swa_full=swa_full,
               n_threads=n_threads or max(1, os.cpu_count() or 1))
     for key, name in (("type_k", type_k), ("type_v", type_v)):
         if name:

@@ -5,7 +5,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
+from . import engine as _engine  # noqa: F401  (llama.cpp's libraries before numpy: see engine.py)
+
+import numpy as np  # noqa: E402
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
