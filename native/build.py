@@ -102,6 +102,11 @@ def cmake_args(variant: str, cuda_arch: str) -> list[str]:
     if variant == "cuda":
         # without FA_ALL_QUANTS a K type different from the V type falls off the flash-attention path
         args += ["-DGGML_CUDA=ON", "-DGGML_CUDA_FA_ALL_QUANTS=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
+        # libggml-cuda.so re-exported C++ runtime symbols from a static archive it links (CMake's
+        # default static CUDA runtime); when numpy or torch had loaded libstdc++ first, libllama's
+        # std::ostream calls bound to those copies and crashed (codecvt::do_unshift, SIGSEGV at the
+        # first model load; "free(): invalid pointer" beside torch). Keep archive symbols local.
+        args += ["-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL"]
     return args
 
 
