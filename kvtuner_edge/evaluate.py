@@ -17,18 +17,27 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+ROWS = 64   # positions per float64 chunk: a 262k-token vocabulary makes whole windows gigabytes
+
+
 def kld_per_token(base_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
     """KL(base || test) of the next-token distributions, one value per position."""
-    lp = log_softmax(base_logits)
-    lq = log_softmax(test_logits)
-    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
+    out = []
+    for i in range(0, len(base_logits), ROWS):
+        lp = log_softmax(base_logits[i:i + ROWS])
+        lq = log_softmax(test_logits[i:i + ROWS])
+        out.append(np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def nll_per_token(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
     """Negative log-likelihood of tokens[i+1] given positions <= i."""
-    lp = log_softmax(logits[:-1])
     nxt = np.asarray(tokens[1:], dtype=np.int64)
-    return -lp[np.arange(len(nxt)), nxt]
+    out = []
+    for i in range(0, len(nxt), ROWS):
+        lp = log_softmax(logits[i:min(i + ROWS, len(nxt))])
+        out.append(-lp[np.arange(len(lp)), nxt[i:i + len(lp)]])
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def shared_text(name: str = "wikitext-2/test.txt") -> Path | None:
@@ -63,8 +72,6 @@ def evaluate_many(path, tokens: Sequence[int], tests: dict, ctx: int = 2048, n_g
     tests: name -> (config, type_k, type_v) as for evaluate(). The f16 reference and the engine's
     floor (KLD of f16 flash attention vs f32 without it) are computed once and shared. Returns
     name -> result dict (see evaluate)."""
-    import contextlib
-
     from tqdm import tqdm
 
     from . import engine
@@ -78,23 +85,31 @@ def evaluate_many(path, tokens: Sequence[int], tests: dict, ctx: int = 2048, n_g
     windows = [list(tokens[i * win:(i + 1) * win]) for i in range(n_win)]
     common = dict(n_ctx=win, logits_all=True, n_gpu_layers=n_gpu_layers)
     acc = {name: {"kl": [], "top1": [], "nll": []} for name in tests}
-    kl_floor, nll_base = [], []
-    with contextlib.ExitStack() as stack:
-        base_m = stack.enter_context(engine.open_model(path, CacheConfig.uniform(info.n_layer, "f16"), **common))
-        floor_m = stack.enter_context(engine.open_model(path, type_k="f32", type_v="f32", flash_attn=False,
-                                                        use_file_types=False, **common))
-        test_m = {name: stack.enter_context(engine.open_model(path, **kw, **common))
-                  for name, (_, kw) in resolved.items()}
-        allocated = {name: (m.layer_types(), m.cache_bytes()) for name, m in test_m.items()}
-        for w in tqdm(windows, desc="eval windows", unit="win", disable=not progress, file=sys.stderr):
-            b = base_m.logits(w)
-            nll_base.append(nll_per_token(b, w))
-            kl_floor.append(kld_per_token(b, floor_m.logits(w)))
-            for name, m in test_m.items():
+    kl_floor, nll_base, allocated = [], [], {}
+    # one context at a time (the f16 logits of every window kept): a context holds n_ctx x n_vocab
+    # float32 logits, a gigabyte each for Gemma-3's vocabulary at 1024 tokens
+    bar = tqdm(total=len(windows) * (len(resolved) + 2), desc="eval", unit="pass", disable=not progress,
+               file=sys.stderr)
+    base = []
+    with engine.open_model(path, CacheConfig.uniform(info.n_layer, "f16"), **common) as m:
+        for w in windows:
+            base.append(m.logits(w))
+            nll_base.append(nll_per_token(base[-1], w))
+            bar.update(1)
+    with engine.open_model(path, type_k="f32", type_v="f32", flash_attn=False, use_file_types=False, **common) as m:
+        for w, b in zip(windows, base):
+            kl_floor.append(kld_per_token(b, m.logits(w)))
+            bar.update(1)
+    for name, (_, kw) in resolved.items():
+        with engine.open_model(path, **kw, **common) as m:
+            allocated[name] = (m.layer_types(), m.cache_bytes())
+            for w, b in zip(windows, base):
                 t = m.logits(w)
                 acc[name]["kl"].append(kld_per_token(b, t))
                 acc[name]["top1"].append(b.argmax(-1) == t.argmax(-1))
                 acc[name]["nll"].append(nll_per_token(t, w))
+                bar.update(1)
+    bar.close()
     floor = float(np.concatenate(kl_floor).mean())
     ppl_base = float(np.exp(np.concatenate(nll_base).mean()))
     out = {}

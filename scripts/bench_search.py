@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--cache-dir")
+    ap.add_argument("--pop", type=int, default=24, help="NSGA-II population (tune's default)")
+    ap.add_argument("--gens", type=int, default=5, help="NSGA-II generations on the measured KLD")
     args = ap.parse_args()
 
     src = shared_text()
@@ -52,7 +54,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
-    run = tune(path, unit="storage", device=args.device, backend=args.backend, cache_dir=args.cache_dir)
+    run = tune(path, unit="storage", device=args.device, backend=args.backend, cache_dir=args.cache_dir,
+               pop=args.pop, gens=args.gens)
     wall = time.time() - t0
     res = run.result
     info = run.info
