@@ -242,7 +242,7 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
 
     layout = Layout.of(info)
     space = build_space(attn, kld, pairs, layout, n_groups=groups, unit=unit)
-    skey = _key("search", pkey, unit, groups, pop, gens, seed, [list(c) for c in space.choices], space.groups, 1)
+    skey = _key("search", pkey, unit, groups, pop, gens, seed, [list(c) for c in space.choices], space.groups, 2)
     final = cdir / f"search-{skey}.json"
     partial = cdir / f"search-{skey}.partial.json"
     pos = torch.as_tensor(kld_positions(len(tokens), max_positions), device=tm.device)

@@ -85,6 +85,20 @@ def test_search_beats_uniform_and_picks_within_budget():
         res.pick(3.25, feasible=(4.0, 16.0))
 
 
+def test_storage_search_labels_both_units():
+    attn, kld, *_ = synthetic(seed=2)
+    sp = build_space(attn, kld, PAIRS, layout(), n_groups=3, unit="storage")
+    truth = {tuple(p): j for j, p in enumerate(PAIRS)}
+    res = search(sp, lambda cfgs: [sum(kld[l, truth[(k, v)]] for l, (k, v) in enumerate(zip(tk, tv)))
+                                   for tk, tv in cfgs], pop=8, gens=1, surrogate_pop=40, surrogate_gens=20)
+    nom = {"f16": 16, "q8_0": 8, "q5_0": 5, "q4_0": 4}
+    sto = {"f16": 16, "q8_0": 8.5, "q5_0": 5.5, "q4_0": 4.5}
+    for p in res.points:
+        assert p.bits_nominal == pytest.approx(sum(nom[k] + nom[v] for k, v in zip(p.type_k, p.type_v)) / 24)
+        assert p.bits_storage == pytest.approx(sum(sto[k] + sto[v] for k, v in zip(p.type_k, p.type_v)) / 24)
+    assert res.pick(5.0, "storage").bits_storage <= 5.0 + 1e-9
+
+
 def test_search_resumes_from_archive():
     attn, kld, *_ = synthetic(seed=3)
     sp = build_space(attn, kld, PAIRS, layout(), n_groups=3)

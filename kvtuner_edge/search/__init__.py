@@ -319,7 +319,7 @@ def search(space: Space, evaluate: Callable[[list[tuple[list[str], list[str]]]],
         _nsga2(space, measured, pop, gens, seed + 1, init=init)
     keys = list(archive)
     X = np.array(keys, dtype=int)
-    bn, bs, sur = space.bits(X), space.bits(X, "storage"), space.surrogate(X)
+    bn, bs, sur = space.bits(X, "nominal"), space.bits(X, "storage"), space.surrogate(X)
     pts = []
     for i, k in enumerate(keys):
         tk, tv = space.types(k)
