@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import types as T
+from ..search import Layout, pareto_mask
 
 PROFILE_VERSION = 1
 
@@ -74,23 +74,6 @@ class Profile:
         if d.get("version") != PROFILE_VERSION:
             return None
         return cls(**d)
-
-
-def pair_bits(info, il: int, k: str, v: str, unit: str = "nominal") -> float:
-    ne_k, ne_v = info.n_embd_k(il), info.n_embd_v(il)
-    tk, tv = T.get(k), T.get(v)
-    bk, bv = (tk.nominal_bits, tv.nominal_bits) if unit == "nominal" else (tk.storage_bits, tv.storage_bits)
-    return (bk * ne_k + bv * ne_v) / (ne_k + ne_v)
-
-
-def pareto_mask(bits: np.ndarray, err: np.ndarray) -> np.ndarray:
-    """True for points no other point beats on both (lower bits, lower error); NaN errors are dropped."""
-    ok = ~np.isnan(err)
-    keep = np.zeros(len(bits), dtype=bool)
-    for i in np.flatnonzero(ok):
-        dominated = ok & (bits <= bits[i]) & (err <= err[i]) & ((bits < bits[i]) | (err < err[i]))
-        keep[i] = not dominated.any()
-    return keep
 
 
 def select_pairs(bits: np.ndarray, err: np.ndarray, max_pairs: int, bits_storage: np.ndarray | None = None) -> list[int]:
@@ -172,13 +155,13 @@ def sensitivity(model, tokens: Sequence[int], pairs: Sequence[tuple[str, str]], 
 
         # stage 2: final KLD of the pairs that survive intra-layer pruning, one layer at a time
         attn, _ = prof.arrays()
+        layout = Layout.of(info)
+        bits_n, bits_s = layout.pair_bits(pairs, "nominal"), layout.pair_bits(pairs, "storage")
         todo = [il for il in kv_layers if il not in prof.done_layers]
         t2 = time.time()
         bar = tqdm(total=len(todo), desc="final-KLD sensitivity", unit="layer", disable=not progress, file=sys.stderr)
         for il in todo:
-            bits = np.array([pair_bits(info, il, tk, tv) for tk, tv in pairs])
-            bits_s = np.array([pair_bits(info, il, tk, tv, "storage") for tk, tv in pairs])
-            sel = select_pairs(bits, attn[il], max_pairs, bits_s)
+            sel = select_pairs(bits_n[il], attn[il], max_pairs, bits_s[il])
             for j, (tk, tv) in enumerate(pairs):
                 if tk == tv == "f16":
                     prof.kld[il][j] = 0.0          # the reference itself
