@@ -47,6 +47,9 @@ def candidate_types(info, backend: str = "cpu", types: Sequence[str] | None = No
                 t = T.get(name)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+            if t.name not in T.CANDIDATES:
+                raise ConfigError(f"{t.name} is not a search candidate (catalogued for comparison only); "
+                                  f"candidates: {', '.join(T.CANDIDATES)}")
             if backend not in t.fa_backends:
                 raise ConfigError(f"{t.name} is not a {backend} flash-attention type "
                                   f"({backend} runs: {', '.join(n for n in T.CANDIDATES if backend in T.get(n).fa_backends)})")

@@ -39,13 +39,14 @@ LLAMA_CPP_COMMIT = "0c1e5709"
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH_DIR = ROOT / "patches"
-OWN_SRC_DIR = ROOT / "native" / "kvtuner"
+OWN_SRC_DIR = ROOT / "native" / "kvtuner"   # -> llama.cpp src/
+OWN_GGML_DIR = ROOT / "native" / "ggml"     # -> ggml/src/ (same sub-folders: ggml-cpu/, ggml-cuda/)
 
 # what the trimmed archive leaves out of vendor/llama.cpp: not needed to build the library,
 # the Python package or the command-line tools on CPU, CUDA or Metal
 TRIM_DIRS = (
     "vendor/llama.cpp/models", "vendor/llama.cpp/docs", "vendor/llama.cpp/media",
-    "vendor/llama.cpp/examples", "vendor/llama.cpp/gguf-py", "vendor/llama.cpp/tests",
+    "vendor/llama.cpp/examples", "vendor/llama.cpp/gguf-py",
     "vendor/llama.cpp/benches", "vendor/llama.cpp/pocs", "vendor/llama.cpp/app",
     "vendor/llama.cpp/skills", "vendor/llama.cpp/ci", "vendor/llama.cpp/.devops",
     "vendor/llama.cpp/tools/server/webui", "vendor/llama.cpp/tools/server/public_legacy",
@@ -83,8 +84,9 @@ def sha256_file(path: Path) -> str:
 def sources_hash() -> str:
     """Hash of everything of ours that goes into the build: patches and native sources."""
     h = hashlib.sha256()
-    for p in sorted(PATCH_DIR.glob("*.patch")) + sorted(OWN_SRC_DIR.glob("*")):
-        h.update(p.name.encode())
+    own = sorted(OWN_SRC_DIR.glob("*")) + sorted(p for p in OWN_GGML_DIR.rglob("*") if p.is_file())
+    for p in sorted(PATCH_DIR.glob("*.patch")) + own:
+        h.update(str(p.relative_to(ROOT)).encode() if p.is_relative_to(OWN_GGML_DIR) else p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()
 
@@ -132,6 +134,10 @@ def fetch_sdist() -> Path:
 def apply_patches(llama_dir: Path) -> None:
     for src in sorted(OWN_SRC_DIR.glob("*")):
         shutil.copy2(src, llama_dir / "src" / src.name)
+    for src in sorted(p for p in OWN_GGML_DIR.rglob("*") if p.is_file()):
+        dst = llama_dir / "ggml" / "src" / src.relative_to(OWN_GGML_DIR)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
     patches = sorted(PATCH_DIR.glob("*.patch"))
     for p in patches:
         r = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(p)], cwd=llama_dir,

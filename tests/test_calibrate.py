@@ -25,7 +25,8 @@ def engine_logits(smollm2, toks):
     """Engine logits of the same tokens with f16 and three quantised caches."""
     out = {}
     for name, tk, tv in (("f16", None, None), ("q8_0", "q8_0", "q8_0"), ("k8v4", "q8_0", "q4_0"),
-                         ("q4_0", "q4_0", "q4_0"), ("q4_1", "q4_1", "q4_1")):
+                         ("q4_0", "q4_0", "q4_0"), ("q4_1", "q4_1", "q4_1"), ("k8v3", "q8_0", "q3_kv"),
+                         ("k8v2", "q8_0", "q2_kv"), ("k3v3", "q3_kv", "q3_kv")):
         with engine.open_model(smollm2, n_ctx=N, logits_all=True, type_k=tk, type_v=tv, use_file_types=False) as m:
             out[name] = m.logits(toks)
     return out
@@ -64,7 +65,8 @@ def test_engine_path_model_predicts_engine_kld(smollm2, toks, engine_logits, exa
         ref, ref_c = log_probs(exact.forward(toks)), log_probs(clean.forward(toks))
         pred, pred_c = {}, {}
         for name, tk, tv in (("q8_0", "q8_0", "q8_0"), ("k8v4", "q8_0", "q4_0"), ("q4_0", "q4_0", "q4_0"),
-                             ("q4_1", "q4_1", "q4_1")):
+                             ("q4_1", "q4_1", "q4_1"), ("k8v3", "q8_0", "q3_kv"), ("k8v2", "q8_0", "q2_kv"),
+                             ("k3v3", "q3_kv", "q3_kv")):
             cfg = CacheConfig.uniform(exact.n_layer, tk, tv)
             pred[name] = float(kld(ref, exact.forward(toks, cfg)).mean())
             pred_c[name] = float(kld(ref_c, clean.forward(toks, cfg)).mean())
@@ -74,6 +76,7 @@ def test_engine_path_model_predicts_engine_kld(smollm2, toks, engine_logits, exa
     assert pred_c["q8_0"] < 0.2 * meas["q8_0"]
     for d in (pred, meas):
         assert d["q8_0"] < d["k8v4"] < min(d["q4_0"], d["q4_1"])
+        assert d["k8v4"] < d["k8v3"] < d["k8v2"] and d["k8v3"] < d["k3v3"]
 
 
 def test_profile_checkpoints_and_resumes(smollm2, toks, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import torch
 from kvtuner_edge.calibrate import quant as Q
 
 TYPE_ID = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q8_1": 9,
-           "q8_K": 15, "iq4_nl": 20, "bf16": 30}
+           "q8_K": 15, "iq4_nl": 20, "bf16": 30, "q3_kv": 43, "q2_kv": 44}
 ID_NAME = {v: k for k, v in TYPE_ID.items()}
 
 
@@ -401,7 +401,7 @@ def test_kq_dot_matches_engine(eng, t):
         fk, fq = Q.fake_quant(k, t).double(), Q.fake_quant_act(q, vdt).double()
         want = float(fk @ fq)
         if vdt == "q8_1":
-            want += float((_fp16_block_min(k).double() * Q.q8_1_sum_error(q).double()).sum())
+            want += float((Q.stored_min(k, t).double() * Q.q8_1_sum_error(q).double()).sum())
         scale = float(fk.abs() @ fq.abs())
         assert abs(want - s) <= 2e-6 * scale, (t, want, s)
 
@@ -411,7 +411,7 @@ def test_kq_dot_matches_engine(eng, t):
 def test_vec_dot_type_tables_match_engine(eng):
     for t in Q.CACHE_TYPES:
         assert ID_NAME[eng.tcpu(t).vec_dot_type] == Q.VEC_DOT_TYPE[t], t
-    for tid in range(43):
+    for tid in range(45):
         tr = eng.cpu.ggml_get_type_traits_cpu(tid).contents
         got = Q.weight_vec_dot_type(tid)
         if not tr.vec_dot or tid == 0:
@@ -420,7 +420,7 @@ def test_vec_dot_type_tables_match_engine(eng):
             want = eng.base.ggml_get_type_traits(tr.vec_dot_type).contents.type_name.decode()
             assert got == want, (tid, got, want)
     with pytest.raises(ValueError):
-        Q.weight_vec_dot_type(43)
+        Q.weight_vec_dot_type(45)
 
 
 # ------------------------------------------------------------------------------- CUDA
@@ -434,3 +434,52 @@ def test_cuda_matches_cpu(t):
     if t == "q8_1":
         for name, x in DATA.items():
             _assert_same(Q.q8_1_sum_error(x.cuda()).cpu(), Q.q8_1_sum_error(x), f"cuda err/{name}")
+
+
+# ------------------------------------------------------------------------------- our formats
+
+def test_kv_formats_block_layout(eng):
+    """The bytes of q3_kv / q2_kv blocks are laid out as ggml-common.h documents (the CUDA kernels
+    and the torch model rely on it): values that are exactly representable come back exactly."""
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 8, (32,), generator=g)
+    codes[3], codes[20] = 0, 0                          # each half holds -4*d: the scale search lands on d
+    d0, d1 = 0.5, 0.0625
+    x = (codes - 4).float() * torch.tensor([d0] * 16 + [d1] * 16)
+    raw = eng.quantize(x.numpy(), "q3_kv")
+    assert raw.size == 16
+    assert raw[0:4].view(np.float16).tolist() == [d0, d1]
+    qs, qh = raw[4:12], raw[12:16]
+    for i, c in enumerate(codes.tolist()):
+        assert ((qs[i % 8] >> (2 * (i // 8))) & 3) | (((qh[i // 8] >> (i % 8)) & 1) << 2) == c, i
+    _assert_same(Q.fake_quant(x, "q3_kv"), x, "q3_kv exact values")
+
+    codes = torch.randint(0, 4, (32,), generator=g)
+    codes[0], codes[31] = 0, 3
+    d, m = 0.25, -1.5
+    x = codes.float() * d + m
+    raw = eng.quantize(x.numpy(), "q2_kv")
+    assert raw.size == 12
+    assert raw[0:4].view(np.float16).tolist() == [d, m]
+    for i, c in enumerate(codes.tolist()):
+        assert (raw[4 + i % 8] >> (2 * (i // 8))) & 3 == c, i
+    _assert_same(Q.fake_quant(x, "q2_kv"), x, "q2_kv exact values")
+    assert torch.equal(Q.stored_min(x, "q2_kv"), torch.tensor([m]))
+
+
+def test_kv_formats_beat_plain_rounding():
+    """The scale search is worth its cost: on Hadamard-rotated Gaussian rows (what the cache holds)
+    q3_kv's error is below plain absmax rounding with the same layout, and the formats order by bits."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(512, 128, generator=g).view(512, 2, 64) @ _hadamard(64)).view(512, 128)
+
+    def rel(y):
+        return float(((y - x) ** 2).sum() / (x ** 2).sum())
+
+    xb = x.view(-1, 16)
+    mx = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
+    d = (mx / -4).half().float()
+    plain3 = (torch.clamp(torch.trunc(xb / d + 4.5), 0, 7) - 4) * d
+    e3, e2 = rel(Q.fake_quant(x, "q3_kv")), rel(Q.fake_quant(x, "q2_kv"))
+    assert e3 < 0.9 * rel(plain3.view_as(x)), (e3, rel(plain3.view_as(x)))   # measured: 0.86x
+    assert rel(Q.fake_quant(x, "q4_0")) < e3 < e2 < 0.15

@@ -287,7 +287,7 @@ class TorchModel:
             if not tiled:
                 vdt = Q.VEC_DOT_TYPE[tk.name]
                 if vdt == "q8_1":
-                    m_k = k.unflatten(-1, (-1, 32)).amin(-1).half().float()          # the K blocks' stored minimum
+                    m_k = Q.stored_min(k, tk.name)                                   # the K blocks' stored minimum
                     err = Q.q8_1_sum_error(q)
                     extra = (err, m_k)
                 if vdt != "f32":

@@ -21,6 +21,10 @@ float32 rows ``x`` into a tensor of type ``t`` and dequantises them again::
   q5_1    quantize_row_q5_1 -> quantize_row_q5_1_ref
   iq4_nl  quantize_row_iq4_nl -> quantize_row_iq4_nl_ref -> quantize_row_iq4_nl_impl(ntry = -1,
                                      no importance weights)
+  q3_kv   quantize_row_q3_kv_ref    kvtuner-edge's 3-bit format (native/ggml/ggml-kvquants.c):
+                                     per 16 values the best of 15 fp16 scales by squared error
+  q2_kv   quantize_row_q2_kv_ref    kvtuner-edge's 2-bit format: per 32 values the best of 16
+                                     (min, scale) pairs from shrinking the range at either end
 
 and the activation ("vec_dot_type") formats the other operand of a dot product is converted to:
 
@@ -46,20 +50,20 @@ import torch
 
 __all__ = [
     "CACHE_TYPES", "ACT_TYPES", "VEC_DOT_TYPE", "KVALUES_IQ4NL", "block_size",
-    "fake_quant", "fake_quant_act", "q8_1_sum_error", "weight_vec_dot_type",
+    "fake_quant", "fake_quant_act", "q8_1_sum_error", "stored_min", "weight_vec_dot_type",
 ]
 
-CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "q3_kv", "q2_kv")
 ACT_TYPES = ("q8_0", "q8_1", "q8_K", "f16", "bf16", "f32")
 
 _BLOCK = {"f32": 1, "f16": 1, "bf16": 1, "q8_0": 32, "q8_1": 32, "q5_1": 32, "q5_0": 32,
-          "q4_1": 32, "q4_0": 32, "iq4_nl": 32, "q8_K": 256}
+          "q4_1": 32, "q4_0": 32, "iq4_nl": 32, "q8_K": 256, "q3_kv": 32, "q2_kv": 32}
 
 # type_traits_cpu[k].vec_dot_type (ggml-cpu.c): what Q is converted to before K.Q in flash attention
 VEC_DOT_TYPE: dict[str, str] = {
     "f32": "f32", "f16": "f16", "bf16": "bf16",
     "q8_0": "q8_0", "q5_1": "q8_1", "q5_0": "q8_0", "q4_1": "q8_1", "q4_0": "q8_0",
-    "iq4_nl": "q8_0",
+    "iq4_nl": "q8_0", "q3_kv": "q8_0", "q2_kv": "q8_1",
 }
 
 # ggml type id -> vec_dot_type name, for every type that has a vec_dot in type_traits_cpu
@@ -78,8 +82,9 @@ _WEIGHT_VDT: dict[int, str | None] = {
     34: "q8_K", 35: "q8_K",         # TQ1_0, TQ2_0
     39: "q8_0", 40: "q8_0",         # MXFP4, NVFP4
     41: "q8_0", 42: "q8_0",         # Q1_0, Q2_0
+    43: "q8_0", 44: "q8_1",         # Q3_KV, Q2_KV (kvtuner-edge's cache formats)
 }
-_GGML_TYPE_COUNT = 43
+_GGML_TYPE_COUNT = 45
 
 # kvalues_iq4nl (ggml-common.h)
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -329,6 +334,105 @@ def _iq4_nl(x: torch.Tensor) -> torch.Tensor:
     return _unblock(_f16(d)[..., None] * vals[l], x.shape)
 
 
+# kvtuner-edge's own formats (native/ggml/ggml-kvquants.c): a per-block search over candidate scales,
+# each candidate scored by the block's squared error summed in element order; the first candidate is
+# always taken, a later one only when strictly better.
+KVQ3_SCALES = (0.76, 0.80, 0.84, 0.88, 0.92, 0.96, 1.00, 1.04, 1.08, 1.12, 1.16, 1.20, 1.24, 1.28, 1.32)
+KVQ2_SHRINK = (0.00, 0.04, 0.08, 0.12)
+
+
+def _first_best(err: torch.Tensor) -> torch.Tensor:
+    """Index along the last dim chosen by `if (t == 0 || err < best)`: the first strict minimum,
+    the first candidate when every error is NaN."""
+    best = err[..., 0]
+    idx = torch.zeros_like(best, dtype=torch.int64)
+    for t in range(1, err.shape[-1]):
+        better = err[..., t] < best
+        best = torch.where(better, err[..., t], best)
+        idx = torch.where(better, torch.full_like(idx, t), idx)
+    return idx
+
+
+def _seq_sum(r2: torch.Tensor, dim: int) -> torch.Tensor:
+    """float32 sum in element order (the C loop's `err = err + r2`)."""
+    r2 = r2.movedim(dim, 0)
+    acc = torch.zeros_like(r2[0])
+    for j in range(r2.shape[0]):
+        acc = acc + r2[j]
+    return acc
+
+
+def _codes(v: torch.Tensor, hi: int) -> torch.Tensor:
+    """min(hi, max(0, (int) v)) as float32, with x86's (int) of NaN/inf/out-of-range (INT_MIN) -> 0.
+    In these formats |v| stays far below 2^31 for finite input (d is never much below the block's
+    own scale), so only non-finite v need the special case."""
+    c = torch.clamp(torch.trunc(v), 0, hi)
+    return torch.where(torch.isfinite(v), c, torch.zeros_like(c))
+
+
+def _q3_kv(x: torch.Tensor) -> torch.Tensor:
+    xb = _blocks(x, 16)                               # half-blocks, one fp16 scale each
+    amax, mx = _signed_absmax(xb)
+    S = torch.tensor(KVQ3_SCALES, dtype=torch.float32, device=x.device)
+    sm = -mx * S                                      # [..., 15]
+    d = _f16(sm * 0.25)
+    id_ = torch.where(d != 0, _div(1.0, d), torch.zeros_like(d))
+    p = xb.unsqueeze(-1) * id_.unsqueeze(-2)          # [..., 16 values, 15 tries]
+    q = _codes(p + 4.5, 7)
+    y = (q - 4) * d.unsqueeze(-2)
+    r = y - xb.unsqueeze(-1)
+    err = _seq_sum(r * r, -2)                         # [..., 15]
+    t = _first_best(err).unsqueeze(-1)
+    dsel = d.gather(-1, t)                            # [..., 1]
+    qsel = q.gather(-1, t.unsqueeze(-2).expand(*q.shape[:-1], 1)).squeeze(-1)
+    zero = amax == 0                                  # all-zero half: d = +0, codes 4
+    dsel = torch.where(zero, torch.zeros_like(dsel), dsel)
+    qsel = torch.where(zero, torch.full_like(qsel, 4), qsel)
+    return _unblock((qsel - 4) * dsel, x.shape)
+
+
+def _seq_minmax(xb: torch.Tensor):
+    lo = xb[..., 0]
+    hi = xb[..., 0]
+    for j in range(1, xb.shape[-1]):
+        v = xb[..., j]
+        lo = torch.where(v < lo, v, lo)
+        hi = torch.where(v > hi, v, hi)
+    return lo.unsqueeze(-1), hi.unsqueeze(-1)
+
+
+def _q2_kv_parts(x: torch.Tensor):
+    """(dequantised values, stored fp16 minimum m per block of 32 as float32)."""
+    xb = _blocks(x, 32)
+    lo, hi = _seq_minmax(xb)
+    rng = hi - lo
+    A = torch.tensor(KVQ2_SHRINK, dtype=torch.float32, device=x.device)
+    sa = (A.view(4, 1).expand(4, 4) * rng.unsqueeze(-1)).flatten(-2)     # [..., 16]: a outer, b inner
+    sb = (A.view(1, 4).expand(4, 4) * rng.unsqueeze(-1)).flatten(-2)
+    l2 = lo + sa
+    h2 = hi - sb
+    d = _f16(_div(h2 - l2, 3.0))
+    m = _f16(l2)
+    id_ = torch.where(d != 0, _div(1.0, d), torch.zeros_like(d))
+    u = xb.unsqueeze(-1) - m.unsqueeze(-2)            # [..., 32 values, 16 tries]
+    q = _codes(u * id_.unsqueeze(-2) + 0.5, 3)
+    yv = d.unsqueeze(-2) * q + m.unsqueeze(-2)
+    r = yv - xb.unsqueeze(-1)
+    err = _seq_sum(r * r, -2)
+    t = _first_best(err).unsqueeze(-1)
+    dsel, msel = d.gather(-1, t), m.gather(-1, t)
+    qsel = q.gather(-1, t.unsqueeze(-2).expand(*q.shape[:-1], 1)).squeeze(-1)
+    flat = ~(hi > lo)                                 # constant (or NaN) block: d = +0, m = fp16(lo), codes 0
+    dsel = torch.where(flat, torch.zeros_like(dsel), dsel)
+    msel = torch.where(flat, _f16(lo), msel)
+    qsel = torch.where(flat, torch.zeros_like(qsel), qsel)
+    return _unblock(dsel * qsel + msel, x.shape), msel[..., 0]
+
+
+def _q2_kv(x: torch.Tensor) -> torch.Tensor:
+    return _q2_kv_parts(x)[0]
+
+
 _CACHE_FNS = {
     "f16": _f16_values,
     "bf16": _bf16,
@@ -338,6 +442,8 @@ _CACHE_FNS = {
     "q4_1": _q4_1,
     "q4_0": _q4_0,
     "iq4_nl": _iq4_nl,
+    "q3_kv": _q3_kv,
+    "q2_kv": _q2_kv,
 }
 
 _ACT_FNS = {
@@ -372,6 +478,17 @@ def fake_quant_act(x: torch.Tensor, type_name: str) -> torch.Tensor:
     if type_name == "f32":
         return x
     return _ACT_FNS[type_name](x)
+
+
+def stored_min(x: torch.Tensor, type_name: str) -> torch.Tensor:
+    """The fp16 block minimum m a "_1"-style cache type stores (x = d*q + m), per block of 32, as float32:
+    the term that meets q8_1's block sum in vec_dot (q4_1, q5_1: the block's min; q2_kv: the fitted one)."""
+    x = _check(x, type_name)
+    if type_name in ("q4_1", "q5_1"):
+        return _f16(_blocks(x, 32).amin(dim=-1))
+    if type_name == "q2_kv":
+        return _q2_kv_parts(x)[1]
+    raise ValueError(f"{type_name} stores no block minimum")
 
 
 def q8_1_sum_error(x: torch.Tensor) -> torch.Tensor:
