@@ -54,6 +54,24 @@ def main() -> int:
     res["cuda_q8_per_layer_bit_identical"] = bool(np.array_equal(g8, l8))
     f16, _, _ = run(CacheConfig.uniform(n, "f16"))
     res["cuda_kld_vs_f16"] = {"mixed": float(kld_per_token(f16, gpu).mean()), "q8_0": float(kld_per_token(f16, l8).mean())}
+    # kvtuner-edge's low-bit formats: prefill (tile/MMA kernels read K/V converted to f16) and
+    # one-token decode (the vec kernel reads the quantised blocks in place), CUDA vs CPU
+    low = CacheConfig(tuple(("q3_kv", "q8_0", "q2_kv", "q4_0")[il % 4] for il in range(n)),
+                      tuple(("q2_kv", "q3_kv", "q3_kv", "q2_kv")[il % 4] for il in range(n)))
+    lowres = {}
+    for mode, ub in (("prefill", 512), ("decode", 1)):
+        got = {}
+        for ngl in (99, 0):
+            with engine.open_model(a.model, low, n_ctx=1024, logits_all=True, n_gpu_layers=ngl,
+                                   n_batch=ub, n_ubatch=ub) as m:
+                got[ngl] = m.logits(tokens[:256] if ub == 1 else tokens)
+                if ngl == 99:
+                    lt = m.layer_types()
+        kk = kld_per_token(got[0], got[99])
+        lowres[mode] = {"mean_kld": float(kk.mean()), "max_kld": float(kk.max()),
+                        "top1": float((got[0].argmax(-1) == got[99].argmax(-1)).mean()),
+                        "types_ok": lt == (list(low.type_k), list(low.type_v))}
+    res["cuda_vs_cpu_low_bit"] = lowres
     refusals = {}
     for name, spec in (("iq4_nl_k", "k=iq4_nl;v=q8_0"), ("iq4_nl_v_layer7", f"k=q8_0;v=q8_0*7,iq4_nl,q8_0*{n - 8}")):
         try:
@@ -66,7 +84,8 @@ def main() -> int:
     with engine.open_model(a.model, spec="k=iq4_nl;v=q8_0", n_ctx=256, n_gpu_layers=99, offload_kqv=False) as m:
         res["iq4_nl_with_cpu_kv"] = m.layer_types()[0][0]
     ok = (res["types_ok"] and res["bytes_ok"] and res["cuda_q8_per_layer_bit_identical"]
-          and all("NOT REFUSED" not in v for v in refusals.values()) and res["cuda_vs_cpu_mixed"]["top1"] > 0.9)
+          and all("NOT REFUSED" not in v for v in refusals.values()) and res["cuda_vs_cpu_mixed"]["top1"] > 0.9
+          and all(r["types_ok"] and r["top1"] > 0.9 for r in lowres.values()))
     res["ok"] = bool(ok)
     text = json.dumps(res, indent=2)
     print(text)

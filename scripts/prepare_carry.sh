@@ -20,5 +20,8 @@ if [ "${1:-}" = "--model-halves" ]; then
   head -c 50000000 "$MODEL" > .carry-a/model.part
   tail -c +50000001 "$MODEL" > .carry-b/model.part
   sha256sum "$MODEL" | cut -d' ' -f1 > .carry-b/model.sha256
+  # wikitext-2 test for the GPU benchmarks (scripts/gpu_formats.sh), where ../shared is not carried
+  [ -f ../shared/data/wikitext-2/test.txt ] && cp ../shared/data/wikitext-2/test.txt .carry-b/wikitext-2-test.txt
+  [ -f ../shared/data/wikitext-2/valid.txt ] && cp ../shared/data/wikitext-2/valid.txt .carry-b/wikitext-2-valid.txt
 fi
 du -sh .carry .carry-a .carry-b 2>/dev/null || true
