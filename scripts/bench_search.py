@@ -44,6 +44,11 @@ def main() -> None:
     ap.add_argument("--cache-dir")
     ap.add_argument("--pop", type=int, default=24, help="NSGA-II population (tune's default)")
     ap.add_argument("--gens", type=int, default=5, help="NSGA-II generations on the measured KLD")
+    ap.add_argument("--unit", choices=("storage", "nominal"), default="storage", help="the bits the search budgets in")
+    ap.add_argument("--budgets", default=None,
+                    help="comma-separated budgets to pick (default: 5.0,4.5 storage; 4.0,3.25 nominal)")
+    ap.add_argument("--types", default=None, help="candidate types (default: the catalogue's candidates)")
+    ap.add_argument("--calib-file", default=None, help="calibration text (default: text the model generates itself)")
     args = ap.parse_args()
 
     src = shared_text()
@@ -54,15 +59,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
-    run = tune(path, unit="storage", device=args.device, backend=args.backend, cache_dir=args.cache_dir,
-               pop=args.pop, gens=args.gens)
+    budgets = [float(b) for b in (args.budgets or ("5.0,4.5" if args.unit == "storage" else "4.0,3.25")).split(",")]
+    types = args.types.split(",") if args.types else None
+    run = tune(path, unit=args.unit, device=args.device, backend=args.backend, cache_dir=args.cache_dir,
+               pop=args.pop, gens=args.gens, types=types, calib_file=args.calib_file)
     wall = time.time() - t0
     res = run.result
     info = run.info
-    picks = {b: res.pick(b, "storage") for b in (5.0, 4.5)}
+    picks = {b: res.pick(b, args.unit) for b in budgets}
 
     # the front, thinned to front_max points spread over the bits, plus the picks
-    fr = [res.points[i] for i in res.front_storage]
+    fr = [res.points[i] for i in (res.front_storage if args.unit == "storage" else res.front)]
     idx = np.unique(np.linspace(0, len(fr) - 1, min(args.front_max, len(fr))).round().astype(int))
     measured = {f"front{j:02d}": fr[j] for j in idx}
     for b, p in picks.items():
@@ -70,6 +77,10 @@ def main() -> None:
     tests = {name: (CacheConfig(tuple(p.type_k), tuple(p.type_v)), None, None) for name, p in measured.items()}
     uni = {"q8_0": ("q8_0", "q8_0"), "K q8_0 / V q4_0": ("q8_0", "q4_0"), "q5_0": ("q5_0", "q5_0"),
            "q4_1": ("q4_1", "q4_1"), "q4_0": ("q4_0", "q4_0")}
+    if types is None or "q3_kv" in types:
+        uni.update({"K q8_0 / V q3_kv": ("q8_0", "q3_kv"), "K q5_0 / V q3_kv": ("q5_0", "q3_kv"), "q3_kv": ("q3_kv", "q3_kv")})
+    if types is None or "q2_kv" in types:
+        uni.update({"q2_kv": ("q2_kv", "q2_kv")})
     for name, (k, v) in uni.items():
         tests[name] = (CacheConfig.uniform(info.n_layer, k, v), None, None)
     toks = text_tokens(path, src, args.eval_tokens)
@@ -97,7 +108,7 @@ def main() -> None:
            "spearman_front": rho_front, "spearman_all": rho_all,
            "seconds": {"calibrate_search": wall, **run.seconds, "engine_eval": t_eval},
            "groups": res.groups, "evaluations": res.evaluations, "rows": rows}
-    stem = out / (path.stem + ".bench-search")
+    stem = out / (path.stem + f".bench-search-{args.unit}")
     js, png = Path(f"{stem}.json"), Path(f"{stem}.png")
     js.write_text(json.dumps(doc, indent=1))
 
@@ -108,16 +119,17 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fx = [r for r in rows if r["cache"].startswith("front") and r["engine_kld"] > 0]   # log axis: not f16 itself
-    ax.plot([r["bits_storage"] for r in fx], [r["predicted_kld"] for r in fx], "o-", label="front: torch (calibration text)")
-    ax.plot([r["bits_storage"] for r in fx], [r["engine_kld"] for r in fx], "s-", label="front: engine (wikitext-2)")
+    bk = "bits_" + args.unit
+    ax.plot([r[bk] for r in fx], [r["predicted_kld"] for r in fx], "o-", label="front: torch (calibration text)")
+    ax.plot([r[bk] for r in fx], [r["engine_kld"] for r in fx], "s-", label="front: engine (wikitext-2)")
     for r in rows:
         if r["cache"] in uni:
-            ax.scatter([r["bits_storage"]], [r["engine_kld"]], marker="x", c="tab:red", zorder=3)
-            ax.annotate(r["cache"], (r["bits_storage"], r["engine_kld"]), xytext=(4, 4), textcoords="offset points",
+            ax.scatter([r[bk]], [r["engine_kld"]], marker="x", c="tab:red", zorder=3)
+            ax.annotate(r["cache"], (r[bk], r["engine_kld"]), xytext=(4, 4), textcoords="offset points",
                         fontsize=8, color="tab:red")
     ax.axhline(floor, ls="--", c="0.5", lw=1, label=f"engine floor {floor:.4f}")
     ax.set_yscale("log")
-    ax.set_xlabel("storage bits per cached element")
+    ax.set_xlabel(f"{args.unit} bits per cached element")
     ax.set_ylabel("mean KLD vs f16 cache")
     ax.set_title(f"{path.name}: searched front, torch vs engine")
     ax.grid(True, which="both", alpha=0.3)
@@ -132,10 +144,9 @@ def main() -> None:
         print(f"{r['cache']:<18}{r['bits_nominal']:>8.2f}{r['bits_storage']:>8.2f}{pk:>10}{r['engine_kld']:>10.5f}"
               f"{r['top1']:>7.3f}{r['ppl']:>8.2f}  {r['config']}")
     e = {r["cache"]: r["engine_kld"] for r in rows}
-    print(f"goal <=5.0 storage bits: pick {e['pick<=5.0']:.5f} vs q4_1/2 = {e['q4_1'] / 2:.5f} -> "
-          f"{'met' if e['pick<=5.0'] <= e['q4_1'] / 2 else 'NOT met'}")
-    print(f"goal <=4.5 storage bits: pick {e['pick<=4.5']:.5f} vs q4_0 = {e['q4_0']:.5f} -> "
-          f"{'met' if e['pick<=4.5'] <= e['q4_0'] else 'NOT met'}")
+    for b in budgets:
+        print(f"pick <= {b} {args.unit} bits: engine KLD {e[f'pick<={b}']:.5f} = {e[f'pick<={b}'] / e['q4_0']:.2f}x "
+              f"uniform q4_0 ({e['q4_0']:.5f}), {e[f'pick<={b}'] / e['q4_1']:.2f}x uniform q4_1 ({e['q4_1']:.5f})")
     print(f"Spearman torch vs engine: front {rho_front:.3f}, front + uniform {rho_all:.3f}")
     print(f"wrote {js} and {png}")
 
