@@ -82,15 +82,37 @@ void quantize_row_q3_kv_ref(const float * GGML_RESTRICT x, block_q3_kv * GGML_RE
     }
 }
 
+// codes of a block, SWAR: a 64-bit load of qs shifted by 2*s and masked gives elements 8s .. 8s+7
+static inline void kvq_codes2(const uint8_t * GGML_RESTRICT qs, int8_t * GGML_RESTRICT c) {
+    uint64_t w;
+    memcpy(&w, qs, 8);
+    for (int s = 0; s < 4; ++s) {
+        const uint64_t v = (w >> (2*s)) & 0x0303030303030303ULL;
+        memcpy(c + 8*s, &v, 8);
+    }
+}
+
 void dequantize_row_q3_kv(const block_q3_kv * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
     assert(k % QK3_KV == 0);
     const int64_t nb = k / QK3_KV;
     for (int64_t i = 0; i < nb; ++i) {
         const float d0 = GGML_FP16_TO_FP32(x[i].d[0]);
         const float d1 = GGML_FP16_TO_FP32(x[i].d[1]);
-        for (int j = 0; j < QK3_KV; ++j) {
-            const int c = ((x[i].qs[j % 8] >> (2 * (j / 8))) & 3) | (((x[i].qh[j / 8] >> (j % 8)) & 1) << 2);
-            y[i*QK3_KV + j] = (float) (c - 4) * (j < 16 ? d0 : d1);
+        int8_t c[QK3_KV];
+        kvq_codes2(x[i].qs, c);
+        for (int s = 0; s < 4; ++s) {
+            // bit l of qh[s] -> +4 on element 8s + l (spread the byte's bits to 8 bytes), then -4
+            uint64_t h = (uint64_t) x[i].qh[s] * 0x0101010101010101ULL & 0x8040201008040201ULL;
+            h = ((h + 0x7F7F7F7F7F7F7F7FULL) >> 7) & 0x0101010101010101ULL;
+            uint64_t v;
+            memcpy(&v, c + 8*s, 8);
+            v = v + (h << 2);
+            v = ((v | 0x8080808080808080ULL) - 0x0404040404040404ULL) ^ 0x8080808080808080ULL;
+            memcpy(c + 8*s, &v, 8);
+        }
+        for (int j = 0; j < 16; ++j) {
+            y[i*QK3_KV + j]      = (float) c[j] * d0;
+            y[i*QK3_KV + j + 16] = (float) c[j + 16] * d1;
         }
     }
 }
@@ -162,9 +184,10 @@ void dequantize_row_q2_kv(const block_q2_kv * GGML_RESTRICT x, float * GGML_REST
     for (int64_t i = 0; i < nb; ++i) {
         const float d = GGML_FP16_TO_FP32(x[i].d);
         const float m = GGML_FP16_TO_FP32(x[i].m);
+        int8_t c[QK2_KV];
+        kvq_codes2(x[i].qs, c);
         for (int j = 0; j < QK2_KV; ++j) {
-            const int c = (x[i].qs[j % 8] >> (2 * (j / 8))) & 3;
-            y[i*QK2_KV + j] = d * (float) c + m;
+            y[i*QK2_KV + j] = d * (float) c[j] + m;
         }
     }
 }

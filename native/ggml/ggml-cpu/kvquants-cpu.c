@@ -9,12 +9,30 @@
 #include "simd-mappings.h"
 
 #include <assert.h>
+#include <string.h>
 
+// the 2-bit fields of 32 codes: byte j of qs holds elements j, j+8, j+16, j+24, so one 64-bit load
+// shifted by 2*s and masked gives elements 8s .. 8s+7 (SWAR, no per-element shifts)
 static inline void kvq_unpack2(const uint8_t * GGML_RESTRICT qs, int8_t * GGML_RESTRICT c) {
+    uint64_t w;
+    memcpy(&w, qs, 8);
     for (int s = 0; s < 4; ++s) {
-        for (int j = 0; j < 8; ++j) {
-            c[8*s + j] = (int8_t) ((qs[j] >> (2*s)) & 3);
-        }
+        const uint64_t v = (w >> (2*s)) & 0x0303030303030303ULL;
+        memcpy(c + 8*s, &v, 8);
+    }
+}
+
+// q3_kv: add the high bits (bit i of qh -> +4 on element i) and centre: codes 0..7 -> -4..3
+static inline void kvq_add_high(const uint8_t * GGML_RESTRICT qh, int8_t * GGML_RESTRICT c) {
+    for (int s = 0; s < 4; ++s) {
+        // spread the 8 bits of qh[s] to the 8 bytes (byte l gets bit l), as 0 or 4
+        uint64_t b = (uint64_t) qh[s] * 0x0101010101010101ULL & 0x8040201008040201ULL;
+        b = ((b + 0x7F7F7F7F7F7F7F7FULL) >> 7) & 0x0101010101010101ULL;
+        uint64_t v;
+        memcpy(&v, c + 8*s, 8);
+        v = v + (b << 2);                                     // 0..7 per byte, no carries
+        v = ((v | 0x8080808080808080ULL) - 0x0404040404040404ULL) ^ 0x8080808080808080ULL;  // - 4 per byte
+        memcpy(c + 8*s, &v, 8);
     }
 }
 
@@ -29,9 +47,7 @@ void ggml_vec_dot_q3_kv_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const vo
     for (int i = 0; i < nb; ++i) {
         int8_t c[QK3_KV];
         kvq_unpack2(x[i].qs, c);
-        for (int j = 0; j < QK3_KV; ++j) {
-            c[j] = (int8_t) (c[j] + (((x[i].qh[j / 8] >> (j % 8)) & 1) << 2) - 4);
-        }
+        kvq_add_high(x[i].qh, c);
         int s0 = 0, s1 = 0;
         for (int j = 0; j < 16; ++j) {
             s0 += c[j] * y[i].qs[j];
