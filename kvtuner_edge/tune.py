@@ -204,9 +204,10 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
          device: str | None = None, calib_file: str | os.PathLike | None = None,
          n_calib: int = DEFAULT_CALIB_TOKENS, max_positions: int = 256, max_pairs: int = 8,
          groups: int = 8, pop: int = 24, gens: int = 5, seed: int = 0, cache_dir: str | os.PathLike | None = None,
-         unit: str = "nominal", progress: bool = True) -> TuneRun:
+         unit: str = "nominal", budgets: Sequence[float] = (), progress: bool = True) -> TuneRun:
     """Calibrate and search `model` (both cached and resumable); returns the measured Pareto front
-    of (average `unit` bits, KLD)."""
+    of (average `unit` bits, KLD). For each of `budgets` the front is then refined where it matters
+    (search.refine: measured local search within that budget, cached per budget)."""
     from . import engine
 
     engine._bind()          # the engine's libraries before torch/numpy (see engine.py)
@@ -214,7 +215,7 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
 
     from .calibrate.model import TorchModel, kld_many, log_probs
     from .calibrate.profile import kld_positions, sensitivity
-    from .search import Layout, Result, build_space, search
+    from .search import Layout, Result, build_space, refine, result_of, search
 
     path = Path(model)
     info = model_info(path)
@@ -307,6 +308,20 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
         tmp.write_text(json.dumps({"result": result.to_json(), "baselines": baselines}))
         os.replace(tmp, final)
         partial.unlink(missing_ok=True)
+    done = {round(float(b), 6) for b in result.settings.get("refined", [])}
+    todo = [round(float(b), 6) for b in dict.fromkeys(budgets) if round(float(b), 6) not in done]
+    if todo:
+        archive = {tuple(int(v) for v in p.x): p.kld for p in result.points}
+        n_new = 0
+        for b in todo:
+            _log(f"refining the configurations within {b:g} {unit} bits (measured local search)", progress)
+            n_new += refine(space, evaluate, archive, b)
+        settings = {**result.settings, "refined": sorted(done | set(todo))}
+        result = result_of(space, archive, settings, {**result.seconds, "refine": time.time() - t1})
+        _log(f"refinement measured {n_new} more configurations", progress)
+        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"result": result.to_json(), "baselines": baselines}))
+        os.replace(tmp, final)
     t_search = time.time() - t1
     return TuneRun(path, info, backend, ranges, tlist, pairs, source, prof, result, baselines,
                    files={"profile": str(cdir / f"profile-{pkey}.json"), "search": str(final)},
@@ -345,6 +360,21 @@ def report(run: TuneRun, out_json: Path, chosen=None) -> dict:
     return files
 
 
+def pick_with_baselines(run: TuneRun, budget: float, unit: str, feasible: tuple[float, float]):
+    """The search's pick within the budget, or a uniform cache the same torch model measured better
+    (a sparse front must never hand out a worse cache than a plain one of the same size)."""
+    from .search import Point
+
+    chosen = run.result.pick(budget, unit, feasible=feasible)
+    key = "bits_nominal" if unit == "nominal" else "bits_storage"
+    for b in run.baselines:
+        if b[key] <= budget + 1e-9 and b["kld"] < chosen.kld:
+            n = run.info.n_layer
+            chosen = Point([], [b["type_k"]] * n, [b["type_v"]] * n, b["bits_nominal"], b["bits_storage"],
+                           b["kld"], b["kld"])
+    return chosen
+
+
 def export_budget(model: str | os.PathLike, budget: float, out: str | os.PathLike | None = None, *,
                   unit: str = "nominal", validate: bool = True, n_eval: int = 1024, progress: bool = True,
                   **tune_kw) -> dict:
@@ -368,8 +398,8 @@ def export_budget(model: str | os.PathLike, budget: float, out: str | os.PathLik
     read_header(path)                      # a corrupt or truncated model fails here, before any work
     check_output(path, dst)
 
-    run = tune(path, progress=progress, unit=unit, **tune_kw)
-    chosen = run.result.pick(budget, unit, feasible=(lo, hi))
+    run = tune(path, progress=progress, unit=unit, budgets=[budget], **tune_kw)
+    chosen = pick_with_baselines(run, budget, unit, (lo, hi))
     cfg = CacheConfig(tuple(chosen.type_k), tuple(chosen.type_v))
     extra = {
         "kvtuner.source": "search",
@@ -388,6 +418,7 @@ def export_budget(model: str | os.PathLike, budget: float, out: str | os.PathLik
                "config": cfg.short(), "type_k": list(cfg.type_k), "type_v": list(cfg.type_v),
                "bits_nominal": chosen.bits_nominal, "bits_storage": chosen.bits_storage,
                "predicted_kld": chosen.kld, "calibration": run.calibration, "files": {**run.files, **files},
+               "evaluations": run.result.evaluations,
                "seconds": run.seconds, "rows": []}
     if validate:
         toks, src = heldout_tokens(path, n_eval)

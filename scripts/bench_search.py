@@ -49,6 +49,7 @@ def main() -> None:
                     help="comma-separated budgets to pick (default: 5.0,4.5 storage; 4.0,3.25 nominal)")
     ap.add_argument("--types", default=None, help="candidate types (default: the catalogue's candidates)")
     ap.add_argument("--calib-file", default=None, help="calibration text (default: text the model generates itself)")
+    ap.add_argument("--no-refine", action="store_true", help="pick from the global search alone (no per-budget refinement)")
     args = ap.parse_args()
 
     src = shared_text()
@@ -62,11 +63,14 @@ def main() -> None:
     budgets = [float(b) for b in (args.budgets or ("5.0,4.5" if args.unit == "storage" else "4.0,3.25")).split(",")]
     types = args.types.split(",") if args.types else None
     run = tune(path, unit=args.unit, device=args.device, backend=args.backend, cache_dir=args.cache_dir,
-               pop=args.pop, gens=args.gens, types=types, calib_file=args.calib_file)
+               pop=args.pop, gens=args.gens, types=types, calib_file=args.calib_file,
+               budgets=[] if args.no_refine else budgets)
     wall = time.time() - t0
     res = run.result
     info = run.info
-    picks = {b: res.pick(b, args.unit) for b in budgets}
+    from kvtuner_edge.tune import pick_with_baselines
+
+    picks = {b: pick_with_baselines(run, b, args.unit, run.unit_range[args.unit]) for b in budgets}
 
     # the front, thinned to front_max points spread over the bits, plus the picks
     fr = [res.points[i] for i in (res.front_storage if args.unit == "storage" else res.front)]

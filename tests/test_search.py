@@ -115,3 +115,30 @@ def test_search_resumes_from_archive():
     again = search(sp, evaluate, pop=8, gens=2, surrogate_pop=40, surrogate_gens=30, seed=5, archive=dict(archive))
     assert len(seen) == n_first, "a rerun with the archive measures nothing twice"
     assert [p.x for p in again.points] == [p.x for p in first.points]
+
+
+def test_refine_fills_a_sparse_front_within_the_budget():
+    """A tiny measured search leaves bits unused below a budget; refine() spends them: the best
+    configuration within the budget gets better (or stays), never leaves the budget, and every
+    configuration it measured is recorded in the archive and appears in the result."""
+    from kvtuner_edge.search import refine, result_of
+
+    attn, kld, *_ = synthetic(seed=4)
+    sp = build_space(attn, kld, PAIRS, layout(), n_groups=4)
+    truth = {tuple(p): j for j, p in enumerate(PAIRS)}
+
+    def evaluate(configs):
+        return [sum(kld[l, truth[(k, v)]] for l, (k, v) in enumerate(zip(tk, tv))) for tk, tv in configs]
+
+    archive = {}
+    res = search(sp, evaluate, pop=4, gens=0, surrogate_pop=20, surrogate_gens=5, seed=0, archive=archive)
+    budget = 6.0
+    before = res.pick(budget)
+    n0 = len(archive)
+    n_new = refine(sp, evaluate, archive, budget, rounds=4, per_round=8)
+    assert n_new == len(archive) - n0 > 0
+    after = result_of(sp, archive, res.settings, res.seconds).pick(budget)
+    assert after.bits_nominal <= budget + 1e-9
+    assert after.kld < before.kld
+    # a budget no measured configuration fits: nothing to refine from
+    assert refine(sp, evaluate, dict(archive), 0.5) == 0

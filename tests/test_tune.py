@@ -80,7 +80,12 @@ def test_second_budget_reuses_the_cache(work, budget_run):
     d = json.loads(r.stdout)
     assert d["bits_nominal"] <= 5.0 + 1e-9 and d["rows"] == []
     assert d["seconds"]["profile"] == pytest.approx(budget_run["seconds"]["profile"])   # read back, not remeasured
-    assert d["seconds"]["total"] < 30
+    # a new budget is refined once (measured local search at 5.0 bits), then cached with the search
+    assert d["evaluations"] >= budget_run["evaluations"]
+    again = json.loads(run("export", work, "--budget", 5.0, "--no-check", "-o", work.with_name("b5b.gguf"), "--json",
+                           *SMALL).stdout)
+    assert again["evaluations"] == d["evaluations"] and again["type_k"] == d["type_k"]
+    assert again["seconds"]["total"] < 30
 
 
 @pytest.mark.parametrize("args, message", [

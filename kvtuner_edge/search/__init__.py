@@ -317,6 +317,15 @@ def search(space: Space, evaluate: Callable[[list[tuple[list[str], list[str]]]],
     measured(init)
     if gens > 0:
         _nsga2(space, measured, pop, gens, seed + 1, init=init)
+    return result_of(space, archive,
+                     settings={"pop": pop, "gens": gens, "surrogate_pop": surrogate_pop,
+                               "surrogate_gens": surrogate_gens, "seed": seed, "n_groups": len(space.groups),
+                               "unit": space.unit},
+                     seconds={"surrogate": t_sur, "total": time.time() - t0})
+
+
+def result_of(space: Space, archive: dict, settings: dict, seconds: dict) -> Result:
+    """The Result (points, fronts) of every measured configuration in the archive."""
     keys = list(archive)
     X = np.array(keys, dtype=int)
     bn, bs, sur = space.bits(X, "nominal"), space.bits(X, "storage"), space.surrogate(X)
@@ -333,8 +342,62 @@ def search(space: Space, evaluate: Callable[[list[tuple[list[str], list[str]]]],
     front = [int(i) for i in np.flatnonzero(pareto_mask(np.array([p.bits_nominal for p in pts]), kl))]
     front_s = [int(i) for i in np.flatnonzero(pareto_mask(np.array([p.bits_storage for p in pts]), kl))]
     return Result(pts, front, front_s, space.groups, [[space.pairs[j] for j in c] for c in space.choices],
-                  evaluations=len(archive),
-                  settings={"pop": pop, "gens": gens, "surrogate_pop": surrogate_pop,
-                            "surrogate_gens": surrogate_gens, "seed": seed, "n_groups": len(space.groups),
-                            "unit": space.unit},
-                  seconds={"surrogate": t_sur, "total": time.time() - t0})
+                  evaluations=len(archive), settings=dict(settings), seconds=dict(seconds))
+
+
+def refine(space: Space, evaluate: Callable[[list[tuple[list[str], list[str]]]], Sequence[float]],
+           archive: dict, budget: float, *, rounds: int = 6, per_round: int = 8,
+           on_batch: Callable[[dict], None] | None = None) -> int:
+    """Measured local search at one budget (in space.unit bits), after the global search.
+
+    NSGA-II leaves the measured front sparse in places, so the best configuration within a budget
+    can sit well below it (its unused bits are quality left behind). From that configuration, try
+    every change of one group's choice and every pair of changes (one group up, another down) that
+    stays within the budget, rank them by the additive surrogate, measure the best `per_round`, and
+    move to the best if it beats the current one; at most `rounds` rounds. The archive (genotype
+    -> KLD) is updated in place; returns the number of new measurements."""
+    if not archive:
+        return 0
+    keys = list(archive)
+    X = np.array(keys, dtype=int)
+    b = space.bits(X)
+    ok = np.flatnonzero(b <= budget + 1e-9)
+    if not len(ok):
+        return 0
+    i0 = ok[int(np.argmin([archive[keys[i]] for i in ok]))]
+    cur, cur_kld = X[i0].copy(), archive[keys[i0]]
+    n_choice = [len(c) for c in space.choices]
+    moves = [(g, c) for g in range(len(n_choice)) for c in range(n_choice[g])]
+    n_new = 0
+    for _ in range(rounds):
+        cands = []
+        for g, c in moves:
+            if c == cur[g]:
+                continue
+            x = cur.copy()
+            x[g] = c
+            cands.append(x)
+            for g2, c2 in moves:
+                if g2 != g and c2 != cur[g2]:
+                    y = x.copy()
+                    y[g2] = c2
+                    cands.append(y)
+        if not cands:
+            break
+        C = np.unique(np.array(cands, dtype=int), axis=0)
+        C = C[space.bits(C) <= budget + 1e-9]
+        C = np.array([x for x in C if tuple(int(v) for v in x) not in archive], dtype=int).reshape(-1, len(cur))
+        if not len(C):
+            break
+        top = C[np.argsort(space.surrogate(C), kind="stable")[:per_round]]
+        vals = evaluate([space.types(tuple(int(v) for v in x)) for x in top])
+        for x, v in zip(top, vals):
+            archive[tuple(int(t) for t in x)] = float(v)
+        n_new += len(top)
+        if on_batch:
+            on_batch(archive)
+        j = int(np.argmin(vals))
+        if vals[j] >= cur_kld:
+            break
+        cur, cur_kld = top[j].copy(), float(vals[j])
+    return n_new
