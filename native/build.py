@@ -91,7 +91,7 @@ def sources_hash() -> str:
     return h.hexdigest()
 
 
-def cmake_args(variant: str, cuda_arch: str) -> list[str]:
+def cmake_args(variant: str, cuda_arch: str, fa_quants: str = "all") -> list[str]:
     args = ["-DLLAVA_BUILD=OFF", "-DLLAMA_CURL=OFF", "-DGGML_OPENMP=ON"]
     machine = platform.machine().lower()
     if variant == "metal":
@@ -102,8 +102,9 @@ def cmake_args(variant: str, cuda_arch: str) -> list[str]:
         if machine in ("x86_64", "amd64"):
             args += ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
     if variant == "cuda":
-        # without FA_ALL_QUANTS a K type different from the V type falls off the flash-attention path
-        args += ["-DGGML_CUDA=ON", "-DGGML_CUDA_FA_ALL_QUANTS=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
+        # flash-attention vector kernels for every K/V type pair ("all"): without one a K type different
+        # from the V type falls off the in-place path; a list ("q8_0-q4_0,q4_0-q3_kv") builds faster
+        args += ["-DGGML_CUDA=ON", f"-DGGML_CUDA_FA_QUANTS={fa_quants}", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
         # libggml-cuda.so re-exported C++ runtime symbols from a static archive it links (CMake's
         # default static CUDA runtime); when numpy or torch had loaded libstdc++ first, libllama's
         # std::ostream calls bound to those copies and crashed (codecvt::do_unshift, SIGSEGV at the
@@ -204,9 +205,9 @@ def prepare_source(source: Path, work: Path) -> Path:
 TOOLS = ("llama-server", "llama-cli", "llama-bench", "llama-perplexity", "llama-batched-bench")
 
 
-def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int) -> Path:
+def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int, fa_quants: str = "all") -> Path:
     """The patched llama.cpp command-line tools (static build), cached like the wheel; returns their folder."""
-    args = cmake_args(variant, cuda_arch) + ["-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TOOLS=ON",
+    args = cmake_args(variant, cuda_arch, fa_quants) + ["-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TOOLS=ON",
                                              "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
                                              "-DLLAMA_BUILD_TESTS=OFF",
                                              "-DCMAKE_BUILD_TYPE=Release"]
@@ -236,8 +237,8 @@ def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int) ->
 
 
 def build(variant: str, cuda_arch: str, source: Path | None, isolation: bool,
-          install: bool, jobs: int, keep_build: bool = False) -> Path:
-    args = cmake_args(variant, cuda_arch)
+          install: bool, jobs: int, keep_build: bool = False, fa_quants: str = "all") -> Path:
+    args = cmake_args(variant, cuda_arch, fa_quants)
     source, key_src, key = build_key(source, args)
     wheel_dir = cache_root() / "wheels" / f"{variant}-{key}"
     wheels = sorted(wheel_dir.glob("*.whl"))
@@ -287,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", choices=("cpu", "cuda", "metal"), default="cpu")
     ap.add_argument("--cuda-arch", default=os.environ.get("KVTUNER_CUDA_ARCH", "90"),
                     help="CMAKE_CUDA_ARCHITECTURES for --variant cuda (default 90: H100/H200)")
+    ap.add_argument("--fa-quants", default="all",
+                    help="--variant cuda: the K-V type pairs with a flash-attention vector kernel, \"all\" (default) "
+                         "or a list such as q8_0-q4_0,q4_0-q3_kv (faster builds; other pairs convert K/V to f16)")
     ap.add_argument("--source", type=Path, help="build from this (trimmed) source archive instead of the PyPI sdist")
     ap.add_argument("--no-build-isolation", action="store_true",
                     help="use the scikit-build-core already installed (machines without network)")
@@ -305,10 +309,10 @@ def main(argv: list[str] | None = None) -> int:
             write_archive(a.write_archive)
             return 0
         if a.tools:
-            print(build_tools(a.variant, a.cuda_arch, a.source, a.jobs))
+            print(build_tools(a.variant, a.cuda_arch, a.source, a.jobs, a.fa_quants))
             return 0
         wheel = build(a.variant, a.cuda_arch, a.source, not a.no_build_isolation,
-                      not a.no_install, a.jobs, a.keep_build)
+                      not a.no_install, a.jobs, a.keep_build, a.fa_quants)
         if a.print_wheel:
             print(wheel)
     except (BuildError, subprocess.CalledProcessError) as e:
