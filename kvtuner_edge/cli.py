@@ -332,6 +332,49 @@ def eval_cmd(file, config, type_k, type_v, text, ctx, max_tokens, passkey, gpu_l
                    f"lengths {p['lengths']} x depths {p['depths']} x {p['trials']}")
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{what}: give comma-separated integers, e.g. 1,16,32") from None
+    if not vals or min(vals) < 1:
+        raise click.BadParameter(f"{what}: give positive integers")
+    return vals
+
+
+@main.command("bench")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=str))
+@click.option("--configs", help="comma-separated caches besides the f16/q8_0/q4_0 baselines: file (the file's own "
+              "per-layer config, the default when it has one), a type (q8_0), a K/V pair (q8_0/q4_0), a config JSON")
+@click.option("--batch", "batches", default="1,16,32,64", show_default=True, help="parallel sequences")
+@click.option("--depth", "depths", default="4096", show_default=True, help="prompt tokens per sequence")
+@click.option("--gen", default=32, show_default=True, help="decode steps measured (after 2 warm-up steps)")
+@click.option("--kv-budget", help="also run each cache at the most sequences whose KV cache fits this (8GiB, 512MiB)")
+@click.option("--max-seqs", default=512, show_default=True, help="cap on the sequences of a --kv-budget run")
+@click.option("--gpu-layers", type=int, help="layers to offload (default: all when the engine has a GPU, else 0)")
+@click.option("--out", type=click.Path(dir_okay=False), help="save the result JSON here after every point "
+              "(a rerun with the same settings resumes)")
+@click.option("--plot", type=click.Path(dir_okay=False), help="write decode throughput curves (PNG)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_cmd(file, configs, batches, depths, gen, kv_budget, max_seqs, gpu_layers, out, plot, as_json):
+    """Prefill and decode tokens/s and KV memory of FILE's cache against f16, q8_0 and q4_0 caches."""
+    from . import bench
+
+    res = bench.run(file, configs.split(",") if configs else None, _int_list(batches, "--batch"),
+                    _int_list(depths, "--depth"), gen=gen, gpu_layers=gpu_layers, kv_budget=kv_budget,
+                    max_seqs=max_seqs, out=out, progress=None if as_json else _err)
+    if plot:
+        from . import plots
+
+        res["plot"] = str(plots.throughput(plot, res))
+    if as_json:
+        _emit_json(res)
+        return
+    click.echo(bench.table(res))
+    if plot:
+        click.echo(f"plot: {res['plot']}")
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--config", type=click.Path(dir_okay=False), help="per-layer config JSON instead of the file's own")

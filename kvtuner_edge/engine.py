@@ -235,3 +235,169 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
                 raise ModelFileError(f"{path}: the engine could not load this model ({e})") from None
             raise EngineError(f"{path}: {e}") from None
     return Model(llm, info, config)
+
+
+# --- throughput runs: many sequences at once (kvtuner_edge.bench) ---------------------------------
+
+class BatchContext:
+    """One context with `n_seq` independent sequences (one KV stream each, as llama.cpp's
+    llama-batched-bench and llama-server use them) for throughput measurements."""
+
+    def __init__(self, runner: "BatchRunner", ctx, n_seq: int, n_ctx: int, n_batch: int):
+        self.runner = runner
+        self.ctx = ctx
+        self.n_seq = n_seq
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        import llama_cpp.llama_cpp as ll
+
+        self._ll = ll
+        self._batch = ll.llama_batch_init(max(n_batch, n_seq), 0, 1)
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self._ll.llama_batch_free(self._batch)
+            self._ll.llama_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> "BatchContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def layer_caches(self) -> list[LayerCache]:
+        lib = _bind()
+        out = []
+        for il in range(self.runner.info.n_layer):
+            tk = lib.llama_kvtuner_layer_type(self.ctx, il, False)
+            tv = lib.llama_kvtuner_layer_type(self.ctx, il, True)
+            out.append(LayerCache(il, T.name_of(tk) if tk >= 0 else None, T.name_of(tv) if tv >= 0 else None,
+                                  int(lib.llama_kvtuner_layer_bytes(self.ctx, il, False)),
+                                  int(lib.llama_kvtuner_layer_bytes(self.ctx, il, True))))
+        return out
+
+    def kv_bytes(self) -> int:
+        """Bytes of K and V cache this context allocated (all sequences)."""
+        return sum(c.bytes_k + c.bytes_v for c in self.layer_caches())
+
+    def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, pos, seq, logits) entries."""
+        b = self._batch
+        for i, (tok, pos, seq, want) in enumerate(entries):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = want
+        b.n_tokens = len(entries)
+        rc = self._ll.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed (code {rc}) with {len(entries)} tokens")
+
+    def sync(self) -> None:
+        self._ll.llama_synchronize(self.ctx)
+
+    def prefill(self, tokens: Sequence[int], seq: int = 0, pos0: int = 0) -> float:
+        """Evaluate `tokens` into sequence `seq` in n_batch chunks; returns the wall seconds."""
+        import time
+
+        self.sync()
+        t0 = time.perf_counter()
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = tokens[i:i + self.n_batch]
+            last = i + len(chunk) == len(tokens)
+            self._decode([(int(t), pos0 + i + j, seq, last and j == len(chunk) - 1) for j, t in enumerate(chunk)])
+        self.sync()
+        return time.perf_counter() - t0
+
+    def share_prefix(self, n_pos: int, dummy_token: int = 0) -> None:
+        """Copy sequence 0's first n_pos cells to every other sequence (llama.cpp copies the data
+        between streams at the next decode, so one dummy token is evaluated and removed)."""
+        mem = self._ll.llama_get_memory(self.ctx)
+        for s in range(1, self.n_seq):
+            self._ll.llama_memory_seq_cp(mem, 0, s, -1, -1)
+        if self.n_seq > 1:
+            self._decode([(dummy_token, n_pos, 0, True)])
+            self._ll.llama_memory_seq_rm(mem, 0, n_pos, -1)
+        self.sync()
+
+    def decode_steps(self, tokens: Sequence[int], pos0: int, n_steps: int) -> float:
+        """n_steps decode steps, each one token (tokens[s]) for every sequence s at position pos0 + step,
+        logits for all of them (as a server would sample each); returns the wall seconds."""
+        import time
+
+        self.sync()
+        t0 = time.perf_counter()
+        for step in range(n_steps):
+            self._decode([(int(tokens[(s + step) % len(tokens)]), pos0 + step, s, True) for s in range(self.n_seq)])
+        self.sync()
+        return time.perf_counter() - t0
+
+
+class BatchRunner:
+    """A model loaded once (layers on the GPU with n_gpu_layers) for contexts of many sequences."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, n_threads: int | None = None,
+                 verbose: bool | None = None):
+        _bind()
+        import llama_cpp.llama_cpp as ll
+        from llama_cpp import _logger
+
+        if verbose is None:
+            verbose = os.environ.get("KVTUNER_EDGE_VERBOSE", "0") not in ("", "0")
+        _logger.set_verbose(verbose)
+        self._ll = ll
+        self.path = Path(path)
+        self.info = model_info(path)
+        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        ll.llama_backend_init()
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self.model = ll.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise ModelFileError(f"{path}: the engine could not load this model")
+        self.n_vocab = int(ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model)))
+
+    def close(self) -> None:
+        if self.model is not None:
+            self._ll.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "BatchRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def context(self, n_seq: int, n_ctx_seq: int, *, spec: str | None = None, type_k: str | None = None,
+                type_v: str | None = None, n_batch: int = 2048, n_ubatch: int = 512,
+                flash_attn: bool = True) -> BatchContext:
+        """A context of n_seq sequences of n_ctx_seq cells each. spec: the engine's per-layer override
+        (None: the file's own kvtuner types; "off": f16); type_k/type_v: one global type (wins)."""
+        ll = self._ll
+        lib = _bind()
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = n_seq * n_ctx_seq
+        cp.n_seq_max = n_seq
+        cp.n_batch = n_batch
+        cp.n_ubatch = min(n_ubatch, n_batch)
+        cp.n_threads = cp.n_threads_batch = self.n_threads
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.kv_unified = False
+        cp.offload_kqv = True
+        cp.no_perf = True
+        for key, name in (("type_k", type_k), ("type_v", type_v)):
+            if name:
+                try:
+                    setattr(cp, key, T.get(name).ggml_id)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+        with _override(spec):
+            ctx = ll.llama_init_from_model(self.model, cp)
+            if not ctx:
+                err = (lib.llama_kvtuner_last_error() or b"").decode()
+                raise (ConfigError if err else EngineError)(
+                    f"{self.path.name}: could not create a context of {n_seq} x {n_ctx_seq} cells"
+                    + (f": {err}" if err else " (out of memory?)"))
+        return BatchContext(self, ctx, n_seq, cp.n_ctx, n_batch)

@@ -75,3 +75,46 @@ def layer_map(path: Path, type_k: Sequence[str], type_v: Sequence[str], title: s
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+def throughput(path: Path, res: dict) -> Path:
+    """Decode tokens/s against the number of sequences per cache (one panel per depth), and, with a KV
+    memory budget, the throughput each cache reaches at the most sequences that fit it."""
+    plt = _plt()
+    depths = res["settings"]["depths"]
+    budget = res.get("budget")
+    ncol = len(depths) + (1 if budget and budget.get("points") else 0)
+    fig, axes = plt.subplots(1, ncol, figsize=(5.5 * ncol, 4.2), squeeze=False)
+    names = list(dict.fromkeys(p["config"] for p in res["points"]))
+    for ax, depth in zip(axes[0], depths):
+        for name in names:
+            pts = sorted((p for p in res["points"] if p["config"] == name and p["depth"] == depth),
+                         key=lambda p: p["batch"])
+            if pts:
+                ax.plot([p["batch"] for p in pts], [p["decode_tps"] for p in pts], "o-", ms=4,
+                        lw=2.2 if name == "f16" else 1.4, label=f"{name} ({pts[0]['bits_storage']:.2f} b)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("parallel sequences")
+        ax.set_ylabel("decode tokens/s (all sequences)")
+        ax.set_title(f"decode at depth {depth}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if ncol > len(depths):
+        ax = axes[0][-1]
+        bp = budget["points"]
+        xs = range(len(bp))
+        ax.bar(xs, [p["decode_tps"] for p in bp], color="tab:blue")
+        for x, p in zip(xs, bp):
+            ax.annotate(f"{p['batch']} seqs", (x, p["decode_tps"]), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([p["config"][:14] for p in bp], rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"KV budget {budget['kv_bytes'] / 2**30:.1f} GiB, depth {budget['depth']}")
+        ax.grid(True, axis="y", alpha=0.3)
+    title = f"{res['model']} on {res['device']}"
+    if res.get("random_weights"):
+        title += " (random weights)"
+    fig.suptitle(title, fontsize=9)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
