@@ -27,6 +27,13 @@ CALIB_PROMPT = "The history of the city begins"
 HELDOUT_PROMPT = "Scientists studying the ocean have found"
 
 
+
+def _write_search(path: Path, result, baselines: list) -> None:
+    """The search cache file (front + baselines), written to a temporary file and renamed."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"result": result.to_json(), "baselines": baselines}))
+    os.replace(tmp, path)
+
 def _log(msg: str, progress: bool = True) -> None:
     if progress:
         print(msg, file=sys.stderr, flush=True)
@@ -304,9 +311,7 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
             baselines.append({"name": k if k == v else f"K {k} / V {v}", "type_k": k, "type_v": v,
                               "bits_nominal": nom, "bits_storage": sto, "kld": float(val)})
         cdir.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"result": result.to_json(), "baselines": baselines}))
-        os.replace(tmp, final)
+        _write_search(final, result, baselines)
         partial.unlink(missing_ok=True)
     done = {round(float(b), 6) for b in result.settings.get("refined", [])}
     todo = [round(float(b), 6) for b in dict.fromkeys(budgets) if round(float(b), 6) not in done]
@@ -319,9 +324,7 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
         settings = {**result.settings, "refined": sorted(done | set(todo))}
         result = result_of(space, archive, settings, {**result.seconds, "refine": time.time() - t1})
         _log(f"refinement measured {n_new} more configurations", progress)
-        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"result": result.to_json(), "baselines": baselines}))
-        os.replace(tmp, final)
+        _write_search(final, result, baselines)
     t_search = time.time() - t1
     return TuneRun(path, info, backend, ranges, tlist, pairs, source, prof, result, baselines,
                    files={"profile": str(cdir / f"profile-{pkey}.json"), "search": str(final)},
