@@ -260,6 +260,10 @@ def run(path, configs: Sequence[str] | None = None, batches: Sequence[int] = (1,
     return res
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def table(res: dict) -> str:
     """A plain-text table of a result."""
     lines = [f"{res['model']} ({res['n_layer']} layers) on {res['device']}"
@@ -279,7 +283,7 @@ def table(res: dict) -> str:
     b = res.get("budget")
     if b:
         lines.append("")
-        lines.append(f"at a KV memory budget of {b['kv_bytes'] / 2**30:.2f} GiB (depth {b['depth']}, "
+        lines.append(f"at a KV memory budget of {_size(b['kv_bytes'])} (depth {b['depth']}, "
                      f"{b['cells_per_seq']} cells per sequence):")
         hdr = f"{'cache':>28} {'max seqs':>9} {'decode t/s':>11} {'x f16':>6} {'x q8_0':>7}"
         lines += [hdr, "-" * len(hdr)]

@@ -109,7 +109,9 @@ def throughput(path: Path, res: dict) -> Path:
         ax.set_xticks(list(xs))
         ax.set_xticklabels([p["config"][:14] for p in bp], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"KV budget {budget['kv_bytes'] / 2**30:.1f} GiB, depth {budget['depth']}")
+        kvb = budget["kv_bytes"]
+        size = f"{kvb / 2**30:.1f} GiB" if kvb >= 2**30 else f"{kvb / 2**20:.0f} MiB"
+        ax.set_title(f"KV budget {size}, depth {budget['depth']}")
         ax.grid(True, axis="y", alpha=0.3)
     title = f"{res['model']} on {res['device']}"
     if res.get("random_weights"):
