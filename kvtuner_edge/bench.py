@@ -107,6 +107,9 @@ def resolve_configs(path, specs: Sequence[str] | None, info: ModelInfo, backend:
                 except ValueError as e:
                     raise ConfigError(f"--configs {spec!r}: {e}") from None
             out.append(BenchConfig(spec if tk != tv else tk, type_k=tk, type_v=tv))
+        names = [c.name for c in out[:-1]]
+        if out and out[-1].name in names:   # two config files of one name: keep the points apart
+            out[-1].name += f"#{names.count(out[-1].name) + 1}"
     for b in BASELINES:
         if not any(c.config is None and c.type_k == b and c.type_v == b for c in out):
             out.append(BenchConfig(b, type_k=b, type_v=b))
@@ -198,6 +201,11 @@ def run(path, configs: Sequence[str] | None = None, batches: Sequence[int] = (1,
                     progress(f"resuming: {len(done)} points already in {out}")
         except (OSError, ValueError):
             pass
+    if out:
+        try:
+            _save(out, json.loads(out.read_text()) if done else res)   # fail now, not after an hour
+        except OSError as e:
+            raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     say = progress or (lambda m: None)
     rng = random.Random(seed)
 

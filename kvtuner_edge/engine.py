@@ -88,6 +88,19 @@ class LayerCache:
     bytes_v: int
 
 
+def _layer_caches(ctx, n_layer: int) -> list[LayerCache]:
+    """What the engine allocated per layer of a context: types and bytes of K and V."""
+    lib = _bind()
+    out = []
+    for il in range(n_layer):
+        tk = lib.llama_kvtuner_layer_type(ctx, il, False)
+        tv = lib.llama_kvtuner_layer_type(ctx, il, True)
+        out.append(LayerCache(il, T.name_of(tk) if tk >= 0 else None, T.name_of(tv) if tv >= 0 else None,
+                              int(lib.llama_kvtuner_layer_bytes(ctx, il, False)),
+                              int(lib.llama_kvtuner_layer_bytes(ctx, il, True))))
+    return out
+
+
 class Model:
     """An open model + context on the patched engine."""
 
@@ -120,15 +133,7 @@ class Model:
         return self.llm.n_ctx()
 
     def layer_caches(self) -> list[LayerCache]:
-        lib = _bind()
-        out = []
-        for il in range(self.info.n_layer):
-            tk = lib.llama_kvtuner_layer_type(self.ctx, il, False)
-            tv = lib.llama_kvtuner_layer_type(self.ctx, il, True)
-            out.append(LayerCache(il, T.name_of(tk) if tk >= 0 else None, T.name_of(tv) if tv >= 0 else None,
-                                  int(lib.llama_kvtuner_layer_bytes(self.ctx, il, False)),
-                                  int(lib.llama_kvtuner_layer_bytes(self.ctx, il, True))))
-        return out
+        return _layer_caches(self.ctx, self.info.n_layer)
 
     def layer_types(self) -> tuple[list[str | None], list[str | None]]:
         lc = self.layer_caches()
@@ -267,15 +272,7 @@ class BatchContext:
         self.close()
 
     def layer_caches(self) -> list[LayerCache]:
-        lib = _bind()
-        out = []
-        for il in range(self.runner.info.n_layer):
-            tk = lib.llama_kvtuner_layer_type(self.ctx, il, False)
-            tv = lib.llama_kvtuner_layer_type(self.ctx, il, True)
-            out.append(LayerCache(il, T.name_of(tk) if tk >= 0 else None, T.name_of(tv) if tv >= 0 else None,
-                                  int(lib.llama_kvtuner_layer_bytes(self.ctx, il, False)),
-                                  int(lib.llama_kvtuner_layer_bytes(self.ctx, il, True))))
-        return out
+        return _layer_caches(self.ctx, self.runner.info.n_layer)
 
     def kv_bytes(self) -> int:
         """Bytes of K and V cache this context allocated (all sequences)."""

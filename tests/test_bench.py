@@ -100,6 +100,8 @@ def test_bad_input(tiny, tmp_path):
     assert bench.parse_size("1.5GiB") == 3 * 2**29
     r = CliRunner().invoke(main, ["bench", str(tiny), "--batch", "0", "--gpu-layers", "0"])
     assert r.exit_code != 0 and "positive" in r.output
+    with pytest.raises(ConfigError, match="cannot write"):
+        bench.run(tiny, None, batches=[1], depths=[16], gpu_layers=0, out="/proc/kvtuner-bench.json")
     # a config of the wrong depth is refused before anything runs
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(CacheConfig.uniform(3, "q8_0", "q4_0").to_dict()))
