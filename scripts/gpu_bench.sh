@@ -53,21 +53,13 @@ if [ "$STAGE" = stage2 ]; then
   exit 0
 fi
 # stage3: the stock kernels (same build), then test-backend-ops against the built engine
-[ "${SKIP_STOCK:-0}" = 1 ] || KVTUNER_CUDA_FA_GQA=0 python3 -m kvtuner_edge bench /root/llama3-8b-random.mix325.gguf --configs "file" \
-    --batch 1,16,32,64 --depth 4096,8192 --out "$OUT/bench_stock.json" > "$OUT/bench_stock.txt" 2> /tmp/bench_stock.err
-[ "${SKIP_STOCK:-0}" = 1 ] || { echo "bench (stock kernels) rc=$?"; cat "$OUT/bench_stock.txt"; tail -n 3 /tmp/bench_stock.err; }
-SRC=/root/tbo-src
-rm -rf "$SRC" && mkdir -p "$SRC"
-python3 -c "
-import sys, pathlib; sys.path.insert(0, 'native'); import build
-top = build.unpack(pathlib.Path('.carry/llama-src.tar.xz'), pathlib.Path('$SRC'))
-build.apply_patches(top / 'vendor' / 'llama.cpp'); print(top)" > /tmp/src.txt
-LL=$(tail -n 1 /tmp/src.txt)/vendor/llama.cpp
-LIB=/tmp/site/llama_cpp/lib
-t0=$(date +%s)
-g++ -O1 -std=c++17 -I"$LL/ggml/include" "$LL/tests/test-backend-ops.cpp" -L"$LIB" -lggml -lggml-base \
-    -Wl,-rpath,"$LIB" -o /root/test-backend-ops -lpthread || exit 4
-echo "test-backend-ops compiled in $(( $(date +%s) - t0 )) s" | tee "$OUT/tbo.txt"
+if [ "${SKIP_STOCK:-0}" != 1 ]; then
+  KVTUNER_CUDA_FA_GQA=0 python3 -m kvtuner_edge bench /root/llama3-8b-random.mix325.gguf --configs "file" \
+      --batch 1,16,32,64 --depth 4096,8192 --out "$OUT/bench_stock.json" > "$OUT/bench_stock.txt" 2> /tmp/bench_stock.err
+  echo "bench (stock kernels) rc=$?"; cat "$OUT/bench_stock.txt"; tail -n 3 /tmp/bench_stock.err
+fi
+source scripts/gpu_tbo.sh
+build_test_backend_ops || exit 4
 timeout 300 /root/test-backend-ops -o FLASH_ATTN_EXT -b CUDA0 -p "nb=1," > "$OUT/tbo_fa_decode.log" 2>&1
 echo "FLASH_ATTN_EXT nb=1 rc=$?: $(grep -c ' OK' "$OUT/tbo_fa_decode.log") OK, $(grep -c 'FAIL' "$OUT/tbo_fa_decode.log") FAIL; $(grep -E 'tests passed' "$OUT/tbo_fa_decode.log" | tail -n 1)" | tee -a "$OUT/tbo.txt"
 grep FAIL "$OUT/tbo_fa_decode.log" | head -n 5

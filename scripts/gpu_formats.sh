@@ -37,20 +37,8 @@ done
 mkdir -p "$OUT/tune-cache" && cp /root/tune-cache/*.json "$OUT/tune-cache/"
 
 # test-backend-ops from the patched source, linked against the engine's own libraries
-SRC=/root/tbo-src
-if [ ! -x /root/test-backend-ops ]; then
-  rm -rf "$SRC" && mkdir -p "$SRC"
-  python3 -c "
-import sys, pathlib; sys.path.insert(0, 'native'); import build
-top = build.unpack(pathlib.Path('.carry/llama-src.tar.xz'), pathlib.Path('$SRC'))
-build.apply_patches(top / 'vendor' / 'llama.cpp'); print(top)" > /tmp/src.txt
-  LL=$(tail -n 1 /tmp/src.txt)/vendor/llama.cpp
-  LIB=/tmp/site/llama_cpp/lib
-  t0=$(date +%s)
-  g++ -O1 -std=c++17 -I"$LL/ggml/include" "$LL/tests/test-backend-ops.cpp" -L"$LIB" -lggml -lggml-base \
-      -Wl,-rpath,"$LIB" -o /root/test-backend-ops -lpthread || exit 4
-  echo "test-backend-ops compiled in $(( $(date +%s) - t0 )) s" | tee "$OUT/tbo.txt"
-fi
+source scripts/gpu_tbo.sh
+build_test_backend_ops || exit 4
 for op in SET_ROWS FLASH_ATTN_EXT; do
   timeout 240 /root/test-backend-ops -o $op -b CUDA0 -p "q3_kv|q2_kv" > "$OUT/tbo_$op.log" 2>&1
   echo "test-backend-ops $op rc=$?: $(grep -c 'OK' "$OUT/tbo_$op.log") OK, $(grep -c 'FAIL' "$OUT/tbo_$op.log") FAIL; $(grep -E 'tests passed' "$OUT/tbo_$op.log" | tail -n 1)" | tee -a "$OUT/tbo.txt"
