@@ -37,26 +37,29 @@ def groups(x, g):
     return x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
 
 
+def keep_best(best, be, y, xb):
+    """Per group, keep the candidate y with the lower squared error against xb (the first on ties)."""
+    err = ((y - xb) ** 2).sum(-1, keepdim=True)
+    if best is None:
+        return y, err
+    k = err < be
+    return torch.where(k, y, best), torch.where(k, err, be)
+
+
 def sym_uniform(x, bits, g, fit="absmax"):
     """q4_0-like: levels -2^(b-1)..2^(b-1)-1, d = signed max / -2^(b-1); fit='mse' searches d."""
     xb = groups(x, g)
     n = 2 ** (bits - 1)
     idx = xb.abs().argmax(-1, keepdim=True)
     mx = xb.gather(-1, idx)
-    best = None
+    best = be = None
     scales = [1.0] if fit == "absmax" else [1.0 + 0.04 * i for i in range(-6, 9)]
     for s in scales:
         d = f16(mx / -n * s)
         inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
         qv = torch.clamp(torch.round(xb * inv), -n, n - 1)
         y = qv * d
-        err = ((y - xb) ** 2).sum(-1, keepdim=True)
-        if best is None:
-            best, be = y, err
-        else:
-            m = err < be
-            best = torch.where(m, y, best)
-            be = torch.where(m, err, be)
+        best, be = keep_best(best, be, y, xb)
     return best.reshape(x.shape)
 
 
@@ -64,7 +67,7 @@ def asym_uniform(x, bits, g, fit="minmax", scale_bits=16):
     xb = groups(x, g)
     n = 2 ** bits - 1
     lo, hi = xb.amin(-1, keepdim=True), xb.amax(-1, keepdim=True)
-    best = None
+    best = be = None
     shrinks = [(0.0, 0.0)] if fit == "minmax" else [(a, b) for a in (0, .04, .08, .12) for b in (0, .04, .08, .12)]
     for a, b in shrinks:
         rng = hi - lo
@@ -74,13 +77,7 @@ def asym_uniform(x, bits, g, fit="minmax", scale_bits=16):
         inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
         qv = torch.clamp(torch.round((xb - m) * inv), 0, n)
         y = qv * d + m
-        err = ((y - xb) ** 2).sum(-1, keepdim=True)
-        if best is None:
-            best, be = y, err
-        else:
-            k = err < be
-            best = torch.where(k, y, best)
-            be = torch.where(k, err, be)
+        best, be = keep_best(best, be, y, xb)
     return best.reshape(x.shape)
 
 
@@ -89,7 +86,7 @@ def nu_sym(x, levels, g, fit="mse", ntry=8):
     xb = groups(x, g)
     lv = torch.as_tensor(levels, dtype=torch.float32)
     amax = xb.abs().amax(-1, keepdim=True)
-    best = None
+    best = be = None
     scales = [1.0] if fit == "absmax" else [1.0 - 0.03 * i for i in range(-2, ntry)]
     for s in scales:
         d = f16(amax * s)
@@ -97,13 +94,7 @@ def nu_sym(x, levels, g, fit="mse", ntry=8):
         t = (xb * inv).unsqueeze(-1)
         qi = (t - lv).abs().argmin(-1)
         y = lv[qi] * d
-        err = ((y - xb) ** 2).sum(-1, keepdim=True)
-        if best is None:
-            best, be = y, err
-        else:
-            k = err < be
-            best = torch.where(k, y, best)
-            be = torch.where(k, err, be)
+        best, be = keep_best(best, be, y, xb)
     return best.reshape(x.shape)
 
 
@@ -112,7 +103,7 @@ def nu_asym(x, levels, g, ntry=6):
     xb = groups(x, g)
     lv = torch.as_tensor(levels, dtype=torch.float32)
     lo, hi = xb.amin(-1, keepdim=True), xb.amax(-1, keepdim=True)
-    best = None
+    best = be = None
     for a in [0.0, 0.03, 0.06][: max(1, ntry // 2)]:
         for b in [0.0, 0.03, 0.06][: max(1, ntry // 2)]:
             rng = hi - lo
@@ -122,13 +113,7 @@ def nu_asym(x, levels, g, ntry=6):
             t = ((xb - m) * inv).unsqueeze(-1)
             qi = (t - lv).abs().argmin(-1)
             y = lv[qi] * d + m
-            err = ((y - xb) ** 2).sum(-1, keepdim=True)
-            if best is None:
-                best, be = y, err
-            else:
-                k = err < be
-                best = torch.where(k, y, best)
-                be = torch.where(k, err, be)
+            best, be = keep_best(best, be, y, xb)
     return best.reshape(x.shape)
 
 
@@ -200,13 +185,7 @@ def sym_sub(x, bits, g, sub, sbits=4):
         inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
         qv = torch.clamp(torch.round(xs * inv), -n, n - 1)
         y = qv * d
-        err = ((y - xs) ** 2).sum(-1, keepdim=True)
-        if best is None:
-            best, be = y, err
-        else:
-            k = err < be
-            best = torch.where(k, y, best)
-            be = torch.where(k, err, be)
+        best, be = keep_best(best, be, y, xs)
     return best.reshape(x.shape)
 
 
