@@ -82,16 +82,6 @@ void quantize_row_q3_kv_ref(const float * GGML_RESTRICT x, block_q3_kv * GGML_RE
     }
 }
 
-// codes of a block, SWAR: a 64-bit load of qs shifted by 2*s and masked gives elements 8s .. 8s+7
-static inline void kvq_codes2(const uint8_t * GGML_RESTRICT qs, int8_t * GGML_RESTRICT c) {
-    uint64_t w;
-    memcpy(&w, qs, 8);
-    for (int s = 0; s < 4; ++s) {
-        const uint64_t v = (w >> (2*s)) & 0x0303030303030303ULL;
-        memcpy(c + 8*s, &v, 8);
-    }
-}
-
 void dequantize_row_q3_kv(const block_q3_kv * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
     assert(k % QK3_KV == 0);
     const int64_t nb = k / QK3_KV;
@@ -99,7 +89,7 @@ void dequantize_row_q3_kv(const block_q3_kv * GGML_RESTRICT x, float * GGML_REST
         const float d0 = GGML_FP16_TO_FP32(x[i].d[0]);
         const float d1 = GGML_FP16_TO_FP32(x[i].d[1]);
         int8_t c[QK3_KV];
-        kvq_codes2(x[i].qs, c);
+        ggml_kvq_unpack2(x[i].qs, c);
         for (int s = 0; s < 4; ++s) {
             // bit l of qh[s] -> +4 on element 8s + l (spread the byte's bits to 8 bytes), then -4
             uint64_t h = (uint64_t) x[i].qh[s] * 0x0101010101010101ULL & 0x8040201008040201ULL;
@@ -185,7 +175,7 @@ void dequantize_row_q2_kv(const block_q2_kv * GGML_RESTRICT x, float * GGML_REST
         const float d = GGML_FP16_TO_FP32(x[i].d);
         const float m = GGML_FP16_TO_FP32(x[i].m);
         int8_t c[QK2_KV];
-        kvq_codes2(x[i].qs, c);
+        ggml_kvq_unpack2(x[i].qs, c);
         for (int j = 0; j < QK2_KV; ++j) {
             y[i*QK2_KV + j] = d * (float) c[j] + m;
         }

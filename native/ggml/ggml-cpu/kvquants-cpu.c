@@ -5,22 +5,12 @@
 #include "ggml-common.h"
 
 #include "kvquants-cpu.h"
+#include "ggml-kvquants.h"
 #include "ggml-impl.h"
 #include "simd-mappings.h"
 
 #include <assert.h>
 #include <string.h>
-
-// the 2-bit fields of 32 codes: byte j of qs holds elements j, j+8, j+16, j+24, so one 64-bit load
-// shifted by 2*s and masked gives elements 8s .. 8s+7 (SWAR, no per-element shifts)
-static inline void kvq_unpack2(const uint8_t * GGML_RESTRICT qs, int8_t * GGML_RESTRICT c) {
-    uint64_t w;
-    memcpy(&w, qs, 8);
-    for (int s = 0; s < 4; ++s) {
-        const uint64_t v = (w >> (2*s)) & 0x0303030303030303ULL;
-        memcpy(c + 8*s, &v, 8);
-    }
-}
 
 // q3_kv: add the high bits (bit i of qh -> +4 on element i) and centre: codes 0..7 -> -4..3
 static inline void kvq_add_high(const uint8_t * GGML_RESTRICT qh, int8_t * GGML_RESTRICT c) {
@@ -46,7 +36,7 @@ void ggml_vec_dot_q3_kv_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const vo
     float sumf = 0.0f;
     for (int i = 0; i < nb; ++i) {
         int8_t c[QK3_KV];
-        kvq_unpack2(x[i].qs, c);
+        ggml_kvq_unpack2(x[i].qs, c);
         kvq_add_high(x[i].qh, c);
         int s0 = 0, s1 = 0;
         for (int j = 0; j < 16; ++j) {
@@ -69,7 +59,7 @@ void ggml_vec_dot_q2_kv_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const vo
     float sumf = 0.0f;
     for (int i = 0; i < nb; ++i) {
         int8_t c[QK2_KV];
-        kvq_unpack2(x[i].qs, c);
+        ggml_kvq_unpack2(x[i].qs, c);
         int sumi = 0;
         for (int j = 0; j < QK2_KV; ++j) {
             sumi += c[j] * y[i].qs[j];
