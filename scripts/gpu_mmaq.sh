@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The tensor-core decode kernel for quantized K/V (fattn-mmaq, issue 12) on the lent GPU machine, from an
+# engine built on this machine (scripts/prepare_carry_engine.sh fills .carry/: the llama_cpp package with
+# its CUDA libraries as engine.tar.xz, test-backend-ops linked against them, the Python wheels the GPU
+# machine lacks). Stages, each within one call of the device tool:
+#   kernel: ggml's test-backend-ops FLASH_ATTN_EXT decode cases CUDA vs CPU (correctness), then its perf
+#           mode on Llama-3-8B-shaped decode layers (f16 vs quantized vs the mixes' pairs, 1/16/64
+#           sequences at depth 4096), with our kernel and without it (KVTUNER_CUDA_FA_MMAQ=0: the GQA
+#           vector kernel of patch 0006) in the same build.
+#   bench:  `kvtuner-edge bench` on a random-weight Llama-3-8B-shaped GGUF with KVTuner's 3.25-bit mix
+#           (f16, q8_0, q4_0 in the same run), 1/16/32/64 sequences x depth 4096/8192 and at a 16 GiB
+#           KV budget; BENCH_STOCK=1 adds the same points with the kernel off.
+# Carry [".carry"]. Results land in $OUT.
+set -uo pipefail
+STAGE=${1:?kernel or bench}
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kvtuner-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+SITE=/tmp/site
+if [ ! -d "$SITE/llama_cpp" ]; then
+  mkdir -p "$SITE"
+  tar -xJf .carry/engine.tar.xz -C "$SITE" || exit 3
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .carry/wheels/*.whl 2>/dev/null
+fi
+export PYTHONPATH=$SITE:$PWD
+LIB=$SITE/llama_cpp/lib
+# the CUDA runtime and cuBLAS the carried libraries link against (the machine's toolkit or torch's wheels)
+for so in libcudart.so.13 libcublas.so.13; do
+  d=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /opt -name "$so" 2>/dev/null | head -n 1)
+  [ -n "$d" ] && LD_LIBRARY_PATH=$(dirname "$d"):${LD_LIBRARY_PATH:-}
+done
+export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
+
+if [ "$STAGE" = kernel ]; then
+  TBO=.carry/test-backend-ops
+  # correctness: every decode case (nb=1) of FLASH_ATTN_EXT, CUDA against the CPU backend
+  t0=$(date +%s)
+  timeout 400 "$TBO" -o FLASH_ATTN_EXT -b CUDA0 -p "nb=1," > "$OUT/tbo_eval.log" 2>&1
+  echo "test-backend-ops FLASH_ATTN_EXT nb=1 rc=$?: $(grep -c 'OK' "$OUT/tbo_eval.log") OK, $(grep -c 'FAIL' "$OUT/tbo_eval.log") FAIL in $(( $(date +%s) - t0 )) s" | tee "$OUT/summary.txt"
+  grep FAIL "$OUT/tbo_eval.log" | head -n 8
+  grep -E "tests passed|Backend" "$OUT/tbo_eval.log" | tail -n 3
+  # speed: the same build with and without the kernel (PERF_FILTER: a regex on the case's parameters;
+  # each case takes 10-20 s, most of it the CPU filling and quantizing the 64-sequence cache)
+  PF=${PERF_FILTER:-"nh=8,nr23=\[4,"}
+  for mmaq in ${PERF_MMAQ:-1 0}; do
+    KVTUNER_CUDA_FA_MMAQ=$mmaq timeout "${PERF_TIMEOUT:-200}" stdbuf -oL "$TBO" perf -o FLASH_ATTN_EXT -b CUDA0 -p "$PF" \
+        > "$OUT/tbo_perf_mmaq$mmaq.log" 2>&1
+    echo "perf (KVTUNER_CUDA_FA_MMAQ=$mmaq) rc=$?" | tee -a "$OUT/summary.txt"
+  done
+  python3 scripts/mmaq_perf_table.py "$OUT/tbo_perf_mmaq1.log" $(ls "$OUT/tbo_perf_mmaq0.log" 2>/dev/null) --json "$OUT/perf.json" | tee -a "$OUT/summary.txt"
+  exit 0
+fi
+
+if [ "$STAGE" = bench ]; then
+  M8=/root/llama3-8b-random.gguf
+  CFG=/root/bench-cfg
+  python3 scripts/make_bench_configs.py --layers 32 --backend cuda --out-dir "$CFG" > /dev/null 2> "$OUT/configs.txt"
+  [ -f "$M8" ] || python3 -m kvtuner_edge.random_model --shape llama3-8b -o "$M8" > /tmp/m8.log 2>&1 || { cat /tmp/m8.log; exit 4; }
+  F=/root/llama3-8b-random.mix325.gguf
+  [ -f "$F" ] || python3 -m kvtuner_edge export "$M8" --config "$CFG/mix325.json" -o "$F" > /tmp/export.log 2>&1 || { tail /tmp/export.log; exit 5; }
+  python3 -m kvtuner_edge bench "$F" --configs "file" --batch "${BATCH:-1,16,32,64}" --depth "${DEPTH:-4096,8192}" \
+      ${KV_BUDGET:+--kv-budget $KV_BUDGET} --out "$OUT/bench_mmaq.json" --plot "$OUT/bench_mmaq.png" > "$OUT/bench_mmaq.txt" 2> /tmp/bench.err
+  echo "bench (ours) rc=$?"; cat "$OUT/bench_mmaq.txt"; tail -n 3 /tmp/bench.err
+  if [ "${BENCH_STOCK:-0}" = 1 ]; then
+    KVTUNER_CUDA_FA_MMAQ=0 python3 -m kvtuner_edge bench "$F" --configs "file" --batch "${BATCH:-1,16,32,64}" --depth 4096 \
+        --out "$OUT/bench_vec.json" > "$OUT/bench_vec.txt" 2> /tmp/bench_vec.err
+    echo "bench (kernel off) rc=$?"; cat "$OUT/bench_vec.txt"; tail -n 3 /tmp/bench_vec.err
+  fi
+  exit 0
+fi
+echo "unknown stage $STAGE"; exit 2
