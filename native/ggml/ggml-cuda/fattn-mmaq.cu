@@ -6,6 +6,15 @@
 
 FATTN_MMAQ_GET_CASE(128)
 
+int ggml_cuda_fattn_mmaq_variant() {
+    static const int variant = [] {
+        const char * env = getenv("KVTUNER_CUDA_FA_MMAQ_VARIANT");
+        const int v = env ? atoi(env) : 0;
+        return v >= 0 && v < FATTN_MMAQ_NVARIANTS ? v : 0;
+    }();
+    return variant;
+}
+
 // KVTUNER_CUDA_FA_MMAQ=0 turns the kernel off (comparisons in one build)
 static bool ggml_cuda_fattn_mmaq_enabled() {
     static const bool enabled = [] {

@@ -16,13 +16,21 @@
 #include "common.cuh"
 #include "fattn-common.cuh"
 
-#define FATTN_MMAQ_NWARPS 4
-#define FATTN_MMAQ_STAGES 2 // raw K/V tiles in flight per warp (double buffering)
-
-// KV positions per warp and iteration: two 16-row tiles, one for D = 256 (shared memory)
-static constexpr __host__ __device__ int fattn_mmaq_tokens(const int D) {
-    return D <= 128 ? 32 : 16;
-}
+// a launch configuration: warps per block, raw K/V tiles in flight per warp (stages), KV positions per
+// warp and iteration, the blocks per SM the registers are sized for. mmaq_cfg<0> is the default;
+// KVTUNER_CUDA_FA_MMAQ_VARIANT=1.. selects the others for head size 128 (measuring them in one build).
+// RB: bytes of one K row plus one V row. Measured on an H200 (8 KV heads of 128, 16 and 64 sequences at
+// depth 4096): 16 positions per iteration beat 32 for q8_0/q8_0 (234 vs 290 us at 64 sequences) and lost
+// for q4_0/q4_0 (203 vs 178) and q8_0/q4_0 (220 vs 199): the wide rows take 32-position stages out of
+// the blocks a multiprocessor holds; 3 stages, 2 warps per block and 128 registers were no better.
+template <int variant, int D, int RB>
+struct mmaq_cfg {
+    static constexpr int nw     = variant == 3 ? 2 : 4;
+    static constexpr int stages = variant == 1 ? 3 : 2;
+    static constexpr int T      = variant == 2 ? 16 : (D <= 128 && RB < 2*D ? 32 : 16);
+    static constexpr int minb   = variant == 4 ? 4 : variant == 3 ? 6 : (D <= 128 ? 3 : 2);
+};
+#define FATTN_MMAQ_NVARIANTS 5
 
 // bytes of one row of D values of `type`
 static constexpr __host__ __device__ int fattn_mmaq_row_bytes(const ggml_type type, const int D) {
@@ -33,10 +41,12 @@ static constexpr __host__ __device__ int fattn_mmaq_row_bytes(const ggml_type ty
 }
 
 // dynamic shared memory of a block: the warps' staged tiles, reused for the final combine
-static constexpr __host__ __device__ size_t fattn_mmaq_smem_bytes(const ggml_type type_K, const ggml_type type_V, const int D) {
-    const size_t stage   = size_t(fattn_mmaq_tokens(D))*(fattn_mmaq_row_bytes(type_K, D) + fattn_mmaq_row_bytes(type_V, D));
-    const size_t staging = FATTN_MMAQ_NWARPS*FATTN_MMAQ_STAGES*stage;
-    const size_t combine = FATTN_MMAQ_NWARPS*8*D*sizeof(float);
+template <int variant, int D, ggml_type type_K, ggml_type type_V>
+static constexpr size_t fattn_mmaq_smem_bytes() {
+    using cfg = mmaq_cfg<variant, D, fattn_mmaq_row_bytes(type_K, D) + fattn_mmaq_row_bytes(type_V, D)>;
+    const size_t stage   = size_t(cfg::T)*(fattn_mmaq_row_bytes(type_K, D) + fattn_mmaq_row_bytes(type_V, D));
+    const size_t staging = size_t(cfg::nw)*cfg::stages*stage;
+    const size_t combine = size_t(cfg::nw)*8*D*sizeof(float);
     return staging > combine ? staging : combine;
 }
 
@@ -49,6 +59,9 @@ fattn_mmaq_case_t ggml_cuda_fattn_mmaq_get_case_d256(ggml_type type_K, ggml_type
 
 // true if the kernel ran (else the caller takes another path)
 bool ggml_cuda_flash_attn_ext_mmaq(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+
+// the configuration asked for by KVTUNER_CUDA_FA_MMAQ_VARIANT (0: the default)
+int ggml_cuda_fattn_mmaq_variant();
 
 // ---------------------------------------------------------------------------------------------
 // device helpers
@@ -271,8 +284,9 @@ static __device__ __forceinline__ void mmaq_cp_async_wait() {
 // ---------------------------------------------------------------------------------------------
 // the kernel: grid as the vector kernel's with ncols1 = 1, ncols2 = 8 (launch_fattn<D, 1, 8>)
 
-template <int D, ggml_type type_K, ggml_type type_V>
-__launch_bounds__(FATTN_MMAQ_NWARPS*WARP_SIZE, D <= 128 ? 3 : 2)
+template <int D, ggml_type type_K, ggml_type type_V, int variant>
+__launch_bounds__((mmaq_cfg<variant, D, fattn_mmaq_row_bytes(type_K, D) + fattn_mmaq_row_bytes(type_V, D)>::nw*WARP_SIZE),
+                  (mmaq_cfg<variant, D, fattn_mmaq_row_bytes(type_K, D) + fattn_mmaq_row_bytes(type_V, D)>::minb))
 static __global__ void flash_attn_ext_mmaq(
         const char * __restrict__ Q,
         const char * __restrict__ K,
@@ -297,10 +311,12 @@ static __global__ void flash_attn_ext_mmaq(
                             const int32_t nb31, const int32_t nb32, const int64_t nb33) {
     ggml_cuda_pdl_lc();
 #if defined(FLASH_ATTN_AVAILABLE) && defined(AMPERE_MMA_AVAILABLE)
-    constexpr int   nw    = FATTN_MMAQ_NWARPS;
-    constexpr int   T     = fattn_mmaq_tokens(D);
     constexpr int   RBK   = fattn_mmaq_row_bytes(type_K, D);
     constexpr int   RBV   = fattn_mmaq_row_bytes(type_V, D);
+    using cfg = mmaq_cfg<variant, D, RBK + RBV>;
+    constexpr int   nw    = cfg::nw;
+    constexpr int   NS    = cfg::stages;
+    constexpr int   T     = cfg::T;
     constexpr float LOG2E = 1.4426950408889634f;
     constexpr float LN2   = 0.6931471805599453f;
     static_assert(D % 64 == 0, "fattn-mmaq: D must be a multiple of 64");
@@ -355,33 +371,39 @@ static __global__ void flash_attn_ext_mmaq(
 
     const int k_max = KV_max ? KV_max[sequence*gridDim.x + blockIdx.x] : ne11;
 
-    // each warp streams its own tiles of T positions through FATTN_MMAQ_STAGES shared buffers: coalesced
-    // cp.async copies of the raw rows, the next tile in flight while this one is multiplied
+    // each warp streams its own tiles of T positions through NS shared buffers: coalesced cp.async copies of
+    // the raw rows, NS-1 tiles in flight while one is multiplied
     extern __shared__ char mmaq_smem[];
-    char * stage_base = mmaq_smem + warp*(FATTN_MMAQ_STAGES*T*(RBK + RBV));
-    const int kindK = mmaq_chunk_kind<RBK>(K, nb11);
-    const int kindV = mmaq_chunk_kind<RBV>(V, nb21);
+    constexpr int stage_bytes = T*(RBK + RBV);
+    char * stage_base = mmaq_smem + warp*(NS*stage_bytes);
+    const int kindK  = mmaq_chunk_kind<RBK>(K, nb11);
+    const int kindV  = mmaq_chunk_kind<RBV>(V, nb21);
     const int k_step = gridDim.y*nw*T;
-    int k0 = (blockIdx.y*nw + warp)*T;
-    if (k0 < k_max) {
-        mmaq_stage<RBK, T>(stage_base,         K + int64_t(nb11)*k0, nb11, kindK, lane);
-        mmaq_stage<RBV, T>(stage_base + T*RBK, V + int64_t(nb21)*k0, nb21, kindV, lane);
+    const int kstart = (blockIdx.y*nw + warp)*T;
+#pragma unroll
+    for (int j = 0; j < NS - 1; ++j) {
+        const int kj = kstart + j*k_step;
+        if (kj < k_max) {
+            mmaq_stage<RBK, T>(stage_base + j*stage_bytes,         K + int64_t(nb11)*kj, nb11, kindK, lane);
+            mmaq_stage<RBV, T>(stage_base + j*stage_bytes + T*RBK, V + int64_t(nb21)*kj, nb21, kindV, lane);
+        }
+        mmaq_cp_async_commit();
     }
-    mmaq_cp_async_commit();
 
-    for (int it = 0; k0 < k_max; k0 += k_step, ++it) {
+    int it = 0;
+    for (int k0 = kstart; k0 < k_max; k0 += k_step, ++it) {
         {
-            const int k1 = k0 + k_step;
-            char * next = stage_base + ((it + 1) % FATTN_MMAQ_STAGES)*(T*(RBK + RBV));
-            if (k1 < k_max) {
-                mmaq_stage<RBK, T>(next,         K + int64_t(nb11)*k1, nb11, kindK, lane);
-                mmaq_stage<RBV, T>(next + T*RBK, V + int64_t(nb21)*k1, nb21, kindV, lane);
+            const int kn = k0 + (NS - 1)*k_step;
+            char * next = stage_base + ((it + NS - 1) % NS)*stage_bytes;
+            if (kn < k_max) {
+                mmaq_stage<RBK, T>(next,         K + int64_t(nb11)*kn, nb11, kindK, lane);
+                mmaq_stage<RBV, T>(next + T*RBK, V + int64_t(nb21)*kn, nb21, kindV, lane);
             }
             mmaq_cp_async_commit();
-            mmaq_cp_async_wait<1>(); // this tile's copies, not the next one's
+            mmaq_cp_async_wait<NS - 1>(); // this tile's copies, not the later ones'
             __syncwarp();
         }
-        const char * Ks = stage_base + (it % FATTN_MMAQ_STAGES)*(T*(RBK + RBV));
+        const char * Ks = stage_base + (it % NS)*stage_bytes;
         const char * Vs = Ks + T*RBK;
 
         float S[T/16][4];
@@ -551,19 +573,41 @@ static __global__ void flash_attn_ext_mmaq(
 #endif // defined(FLASH_ATTN_AVAILABLE) && defined(AMPERE_MMA_AVAILABLE)
 }
 
-template <int D, ggml_type type_K, ggml_type type_V>
-static void ggml_cuda_flash_attn_ext_mmaq_case(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
-    constexpr int    nbatch = FATTN_MMAQ_NWARPS*fattn_mmaq_tokens(D); // KV positions per block and iteration
-    constexpr size_t nbytes = fattn_mmaq_smem_bytes(type_K, type_V, D);
+template <int D, ggml_type type_K, ggml_type type_V, int variant>
+static void ggml_cuda_flash_attn_ext_mmaq_launch(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    using cfg = mmaq_cfg<variant, D, fattn_mmaq_row_bytes(type_K, D) + fattn_mmaq_row_bytes(type_V, D)>;
+    constexpr int    nbatch = cfg::nw*cfg::T; // KV positions per block and iteration
+    constexpr size_t nbytes = fattn_mmaq_smem_bytes<variant, D, type_K, type_V>();
     const int id = ggml_cuda_get_device();
     static bool smem_limit_set[GGML_CUDA_MAX_DEVICES] = {false};
     if (!smem_limit_set[id]) {
-        CUDA_CHECK(cudaFuncSetAttribute(flash_attn_ext_mmaq<D, type_K, type_V>,
+        CUDA_CHECK(cudaFuncSetAttribute(flash_attn_ext_mmaq<D, type_K, type_V, variant>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, nbytes));
         smem_limit_set[id] = true;
     }
-    launch_fattn<D, 1, 8>(ctx, dst, flash_attn_ext_mmaq<D, type_K, type_V>, FATTN_MMAQ_NWARPS, nbytes, nbatch,
+    launch_fattn<D, 1, 8>(ctx, dst, flash_attn_ext_mmaq<D, type_K, type_V, variant>, cfg::nw, nbytes, nbatch,
                           false, false, false, false);
+}
+
+#ifndef FATTN_MMAQ_WITH_VARIANTS
+#define FATTN_MMAQ_WITH_VARIANTS 0
+#endif
+
+template <int D, ggml_type type_K, ggml_type type_V>
+static void ggml_cuda_flash_attn_ext_mmaq_case(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+#if FATTN_MMAQ_WITH_VARIANTS
+    // measuring builds only (-DFATTN_MMAQ_WITH_VARIANTS=1): the other configurations at head size 128
+    if constexpr (D == 128) {
+        switch (ggml_cuda_fattn_mmaq_variant()) {
+            case 1: ggml_cuda_flash_attn_ext_mmaq_launch<D, type_K, type_V, 1>(ctx, dst); return;
+            case 2: ggml_cuda_flash_attn_ext_mmaq_launch<D, type_K, type_V, 2>(ctx, dst); return;
+            case 3: ggml_cuda_flash_attn_ext_mmaq_launch<D, type_K, type_V, 3>(ctx, dst); return;
+            case 4: ggml_cuda_flash_attn_ext_mmaq_launch<D, type_K, type_V, 4>(ctx, dst); return;
+            default: break;
+        }
+    }
+#endif // FATTN_MMAQ_WITH_VARIANTS
+    ggml_cuda_flash_attn_ext_mmaq_launch<D, type_K, type_V, 0>(ctx, dst);
 }
 
 // the compiled (K, V) pairs of head size D: the same list as the vector kernel's (GGML_CUDA_FA_QUANTS);
