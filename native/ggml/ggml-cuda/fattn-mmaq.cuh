@@ -4,13 +4,14 @@
 // mma.sync m16n8k16 (f16 in, f32 accumulate). Per warp and 16-token tile:
 //   S^T (16 tokens x 8 heads) = K (16 x D, dequantized to f16 in registers) . Q^T (D x 8)
 //   O^T (D x 8)              += V^T (D x 16, dequantized in registers)     . P^T (16 x 8)
-// K and V go straight from global memory through per-type dequantizers into the MMA fragments
-// (no f16 scratch copy of the cache, no shared-memory staging): the reduction index of each product
-// may be permuted freely, so every lane reads contiguous runs of a row (D/4 dims of 2 K rows, D/8 dims
-// of 4 V rows) and the fragments are filled without shuffles. P^T is the transpose of S^T's
-// accumulator layout, one movmatrix per 8x8 block. Each warp keeps its own online softmax over
-// its own tiles; the warps of a block and the parallel blocks (launch_fattn's gridDim.y) are
-// combined at the end exactly as the vector kernel's partial results are.
+// Each warp copies its tiles of raw K/V rows into shared memory (coalesced cp.async, double-buffered)
+// and dequantizes them there with per-type dequantizers straight into the MMA fragments: no f16
+// scratch copy of the cache. The reduction index of each product may be permuted freely, so every
+// lane reads contiguous runs of a row (D/4 dims of 2 K rows, D/8 dims of 4 V rows) and the fragments
+// are filled without shuffles. P^T is the transpose of S^T's accumulator layout, one movmatrix per
+// 8x8 block. Each warp keeps its own online softmax over its own tiles; the warps of a block and the
+// parallel blocks (launch_fattn's gridDim.y) are combined at the end exactly as the vector kernel's
+// partial results are.
 #pragma once
 
 #include "common.cuh"
@@ -21,8 +22,8 @@
 // KVTUNER_CUDA_FA_MMAQ_VARIANT=1.. selects the others for head size 128 (measuring them in one build).
 // RB: bytes of one K row plus one V row. Measured on an H200 (8 KV heads of 128, 16 and 64 sequences at
 // depth 4096): 16 positions per iteration beat 32 for q8_0/q8_0 (234 vs 290 us at 64 sequences) and lost
-// for q4_0/q4_0 (203 vs 178) and q8_0/q4_0 (220 vs 199): the wide rows take 32-position stages out of
-// the blocks a multiprocessor holds; 3 stages, 2 warps per block and 128 registers were no better.
+// for q4_0/q4_0 (203 vs 178) and q8_0/q4_0 (220 vs 199) (not profiled; wide rows make 32-position
+// stages large); 3 stages, 2 warps per block and a 128-register cap were no better.
 template <int variant, int D, int RB>
 struct mmaq_cfg {
     static constexpr int nw     = variant == 3 ? 2 : 4;
