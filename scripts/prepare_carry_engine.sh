@@ -5,9 +5,10 @@
 #   .carry/test-backend-ops  ggml's op tests (patched source), linked against those libraries
 #   .carry/wheels/           gguf and llama-cpp-python's small dependencies for Python 3.12
 #   WHEEL=path/to/llama_cpp_python-*.whl SRC=path/to/patched/llama.cpp bash scripts/prepare_carry_engine.sh
-# Build the wheel first, e.g. `python native/build.py --variant cuda --fa-quants LIST --no-install --keep-build`
-# (nvcc, cmake and ninja are here; cuBLAS headers/libraries come from the nvidia-cublas wheel, and a stub
-# libcuda.so for linking where no driver is installed). The GPU machine's glibc must be at least this one's.
+# Build the wheel first: `bash scripts/setup_cuda_build_here.sh` (cuBLAS from the nvidia-cublas wheel and a
+# stub libcuda.so where no driver is installed), then
+# `python native/build.py --variant cuda --fa-quants LIST --no-install --keep-build`.
+# The GPU machine's glibc must be at least this one's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${WHEEL:?the CUDA wheel}" "${SRC:?the patched llama.cpp source folder (vendor/llama.cpp)}"
