@@ -3,10 +3,13 @@
 # engine built on this machine (scripts/prepare_carry_engine.sh fills .carry/: the llama_cpp package with
 # its CUDA libraries as engine.tar.xz, test-backend-ops linked against them, the Python wheels the GPU
 # machine lacks). Stages, each within one call of the device tool:
-#   kernel: ggml's test-backend-ops FLASH_ATTN_EXT decode cases CUDA vs CPU (correctness), then its perf
+#   kernel: the cache-write quantizers CUDA vs CPU byte for byte (scripts/cuda_kvquant_exact.cpp) and
+#           test-backend-ops SET_ROWS; FLASH_ATTN_EXT decode cases CUDA vs CPU (correctness), then its perf
 #           mode on Llama-3-8B-shaped decode layers (f16 vs quantized vs the mixes' pairs, 1/16/64
 #           sequences at depth 4096), with our kernel and without it (KVTUNER_CUDA_FA_MMAQ=0: the GQA
 #           vector kernel of patch 0006) in the same build.
+#   profile: scripts/gpu_decode_profile.py: kernels and time per decode step, f16 vs quantized caches.
+#   py SCRIPT ARGS: a script of the working tree in the same environment, the tuned 8B file as $MODEL.
 #   bench:  `kvtuner-edge bench` on a random-weight Llama-3-8B-shaped GGUF with KVTuner's 3.25-bit mix
 #           (f16, q8_0, q4_0 in the same run), 1/16/32/64 sequences x depth 4096/8192 and at a 16 GiB
 #           KV budget; BENCH_STOCK=1 adds the same points with the kernel off.
@@ -34,10 +37,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 
 if [ "$STAGE" = kernel ]; then
   TBO=.carry/test-backend-ops
+  # the cache writes: CUDA quantizers byte for byte against the CPU backend, then ggml's SET_ROWS cases
+  .carry/cuda_kvquant_exact 2>&1 | tee "$OUT/kvquant_exact.txt"
+  echo "cuda_kvquant_exact rc=${PIPESTATUS[0]}" | tee "$OUT/summary.txt"
+  timeout 200 "$TBO" -o SET_ROWS -b CUDA0 > "$OUT/tbo_set_rows.log" 2>&1
+  echo "test-backend-ops SET_ROWS rc=$?: $(grep -E 'tests passed' "$OUT/tbo_set_rows.log" | tail -n 1 | tr -s ' ')" | tee -a "$OUT/summary.txt"
   # correctness: every decode case (nb=1) of FLASH_ATTN_EXT, CUDA against the CPU backend
   t0=$(date +%s)
   timeout 400 "$TBO" -o FLASH_ATTN_EXT -b CUDA0 -p "nb=1," > "$OUT/tbo_eval.log" 2>&1
-  echo "test-backend-ops FLASH_ATTN_EXT nb=1 rc=$?: $(grep -E 'tests passed' "$OUT/tbo_eval.log" | tail -n 1 | tr -s ' '), $(grep -c 'FAIL' "$OUT/tbo_eval.log") FAIL in $(( $(date +%s) - t0 )) s" | tee "$OUT/summary.txt"
+  echo "test-backend-ops FLASH_ATTN_EXT nb=1 rc=$?: $(grep -E 'tests passed' "$OUT/tbo_eval.log" | tail -n 1 | tr -s ' '), $(grep -c 'FAIL' "$OUT/tbo_eval.log") FAIL in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
   grep FAIL "$OUT/tbo_eval.log" | head -n 8
   grep -E "tests passed|Backend" "$OUT/tbo_eval.log" | tail -n 3
   # speed: the same build with and without the kernel (PERF_FILTER: a regex on the case's parameters;
@@ -52,13 +60,37 @@ if [ "$STAGE" = kernel ]; then
   exit 0
 fi
 
-if [ "$STAGE" = bench ]; then
-  M8=/root/llama3-8b-random.gguf
+# the random-weight Llama-3-8B-shaped GGUF with the 3.25-bit mix of the bench configs
+M8=/root/llama3-8b-random.gguf
+F=/root/llama3-8b-random.mix325.gguf
+prepare_model() {
   CFG=/root/bench-cfg
   python3 scripts/make_bench_configs.py --layers 32 --backend cuda --out-dir "$CFG" > /dev/null 2> "$OUT/configs.txt"
   [ -f "$M8" ] || python3 -m kvtuner_edge.random_model --shape llama3-8b -o "$M8" > /tmp/m8.log 2>&1 || { cat /tmp/m8.log; exit 4; }
-  F=/root/llama3-8b-random.mix325.gguf
   [ -f "$F" ] || python3 -m kvtuner_edge export "$M8" --config "$CFG/mix325.json" -o "$F" > /tmp/export.log 2>&1 || { tail /tmp/export.log; exit 5; }
+}
+
+if [ "$STAGE" = py ]; then
+  # any Python script of the working tree with the engine's environment; the tuned 8B file is $MODEL
+  prepare_model
+  shift
+  MODEL=$F python3 "$@"
+  exit $?
+fi
+
+if [ "$STAGE" = profile ]; then
+  # where a decode step's time goes (torch.profiler's CUPTI trace of llama.cpp's kernels), f16 vs the
+  # quantized caches, with environment variants (PROFILE_VARIANTS: --variant arguments)
+  prepare_model
+  python3 scripts/gpu_decode_profile.py "$F" --configs "${PROFILE_CONFIGS:-f16,q8_0,q4_0,file}" --batch "${BATCH:-1,16}" \
+      --depth "${DEPTH:-4096}" ${PROFILE_VARIANTS:---variant rot_off:LLAMA_ATTN_ROT_DISABLE=1 --variant vec:KVTUNER_CUDA_FA_MMAQ=0} \
+      --out "$OUT/profile.json" --trace-dir "$OUT/traces" > "$OUT/profile.txt" 2> /tmp/profile.err
+  echo "profile rc=$?"; cat "$OUT/profile.txt"; tail -n 5 /tmp/profile.err
+  exit 0
+fi
+
+if [ "$STAGE" = bench ]; then
+  prepare_model
   python3 -m kvtuner_edge bench "$F" --configs "file" --batch "${BATCH:-1,16,32,64}" --depth "${DEPTH:-4096,8192}" \
       ${KV_BUDGET:+--kv-budget $KV_BUDGET} --out "$OUT/bench_mmaq.json" --plot "$OUT/bench_mmaq.png" > "$OUT/bench_mmaq.txt" 2> /tmp/bench.err
   echo "bench (ours) rc=$?"; cat "$OUT/bench_mmaq.txt"; tail -n 3 /tmp/bench.err

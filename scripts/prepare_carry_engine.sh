@@ -3,6 +3,7 @@
 # lent GPU machine spends its minutes running, not compiling:
 #   .carry/engine.tar.xz     the llama_cpp package of the wheel, libraries stripped, duplicates as symlinks
 #   .carry/test-backend-ops  ggml's op tests (patched source), linked against those libraries
+#   .carry/cuda_kvquant_exact the CUDA cache-write quantizers against the CPU backend, byte for byte
 #   .carry/wheels/           gguf and llama-cpp-python's small dependencies for Python 3.12
 #   WHEEL=path/to/llama_cpp_python-*.whl SRC=path/to/patched/llama.cpp bash scripts/prepare_carry_engine.sh
 # Build the wheel first: `bash scripts/setup_cuda_build_here.sh` (cuBLAS from the nvidia-cublas wheel and a
@@ -26,6 +27,8 @@ mkdir -p .carry/wheels
 tar -C "$tmp/w" -cJf .carry/engine.tar.xz llama_cpp
 g++ -O1 -std=c++17 -I"$SRC/ggml/include" "$SRC/tests/test-backend-ops.cpp" -L"$lib" -lggml -lggml-base \
     -Wl,--allow-shlib-undefined -o .carry/test-backend-ops -lpthread
+g++ -O1 -std=c++17 -I"$SRC/ggml/include" scripts/cuda_kvquant_exact.cpp -L"$lib" -lggml -lggml-base \
+    -Wl,--allow-shlib-undefined -o .carry/cuda_kvquant_exact
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .carry/wheels gguf==0.19.0 diskcache==5.6.3
 du -sh .carry/engine.tar.xz .carry/test-backend-ops .carry/wheels
