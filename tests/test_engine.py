@@ -193,6 +193,65 @@ print(float(kld_per_token(r, s).mean()), float((r.argmax(-1) == s.argmax(-1)).me
     assert kld < 0.3 and top1 >= 0.7, (kld, top1)
 
 
+V_SIMD_TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q3_kv", "q2_kv"]
+
+
+def _cpu_lib():
+    import pathlib
+
+    import llama_cpp
+    lib = pathlib.Path(llama_cpp.__file__).parent / "lib"
+    ctypes.CDLL(str(lib / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    cpu = ctypes.CDLL(str(lib / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+    for f in ("ggml_cpu_has_avx2", "ggml_cpu_has_f16c", "ggml_cpu_has_fma", "ggml_cpu_has_avx512"):
+        getattr(cpu, f).restype = ctypes.c_int
+    cpu.ggml_kvq_get_mad.restype = ctypes.c_void_p
+    cpu.ggml_kvq_get_mad.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return cpu
+
+
+def test_cpu_simd_v_accumulation_is_bit_identical(smollm2, smol_tokens, tmp_path):
+    """patches/0009: the CPU flash attention accumulates quantized V rows in SIMD registers; the logits
+    must be bit for bit those of the stock dequantize-then-mad path (KVTUNER_CPU_KV_SIMD=0), for
+    every V type it covers. Each setting in its own process (the switch is read once)."""
+    import json
+    import subprocess
+    import sys
+
+    cpu = _cpu_lib()
+    if not (cpu.ggml_cpu_has_avx2() and cpu.ggml_cpu_has_fma() and cpu.ggml_cpu_has_f16c()) or cpu.ggml_cpu_has_avx512():
+        pytest.skip("the SIMD V path is built for AVX2+FMA+F16C without AVX-512 only")
+    code = f"""
+import ctypes, json, sys
+import numpy as np
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_engine import _cpu_lib, V_SIMD_TYPES
+from kvtuner_edge import engine
+from kvtuner_edge import types as T
+cpu = _cpu_lib()
+used = {{t: bool(cpu.ggml_kvq_get_mad(T.get(t).ggml_id, 64)) for t in V_SIMD_TYPES}}
+out = {{}}
+for t in V_SIMD_TYPES:
+    with engine.open_model({str(smollm2)!r}, type_k="q8_0", type_v=t, n_ctx=512, logits_all=True) as m:
+        out[t] = m.logits({list(smol_tokens[:256])!r})
+np.savez(sys.argv[1], **out)
+print(json.dumps(used))
+"""
+    res = {}
+    for simd in ("1", "0"):
+        f = tmp_path / f"simd{simd}.npz"
+        env = dict(os.environ, KVTUNER_CPU_KV_SIMD=simd)
+        p = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True, env=env, timeout=900)
+        assert p.returncode == 0, p.stderr[-2000:]
+        used = json.loads(p.stdout.strip().splitlines()[-1])
+        assert all(used.values()) if simd == "1" else not any(used.values()), (simd, used)
+        res[simd] = np.load(f)
+    for t in V_SIMD_TYPES:
+        a, b = res["1"][t], res["0"][t]
+        assert np.isfinite(a).all(), t
+        assert np.array_equal(a, b), (t, float(np.abs(a - b).max()))
+
+
 def test_explicit_global_type_wins_over_per_layer(smollm2):
     with engine.open_model(smollm2, spec="k=q4_0;v=q4_0", type_k="q8_0", type_v="q8_0", n_ctx=256) as m:
         assert m.layer_types() == (["q8_0"] * N_LAYER, ["q8_0"] * N_LAYER)

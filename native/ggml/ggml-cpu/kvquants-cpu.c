@@ -2,6 +2,7 @@
 // AVX2: the codes of a block unpacked into one 256-bit register and multiplied with maddubs; elsewhere
 // plain C (codes unpacked to int8, then an int8 x int8 -> int32 reduction per 16 or 32 values). Both
 // give the same integer sums and then evaluate the same float expression, so results are identical.
+#define GGML_COMMON_IMPL_C
 #define GGML_COMMON_DECL_C
 #include "ggml-common.h"
 
@@ -11,6 +12,7 @@
 #include "simd-mappings.h"
 
 #include <assert.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX2__)
@@ -125,4 +127,165 @@ void ggml_vec_dot_q2_kv_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const vo
               + GGML_CPU_FP16_TO_FP32(x[i].m) * GGML_CPU_FP16_TO_FP32(y[i].s);
     }
     *s = sumf;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The V side of the CPU flash attention: y += v * dequantize(x) for one row of n values. The stock
+// kernel dequantizes the row with the base library's scalar to_float into a buffer, then runs
+// ggml_vec_mad_f32 (one fma per element). These do both in registers, per block, with the same
+// float operations (code -> float, times d, plus m as a separate rounding where the scalar code
+// adds one, then fma(value, v, y)), so the accumulator is bit for bit the stock one; only where
+// ggml_vec_mad_f32 is exactly one fma per element (AVX2 + FMA, n a multiple of its step).
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+
+// a product that the compiler must not fuse with the following add (the scalar code rounds twice)
+static inline __m256 kvq_mul_nofma(const __m256 a, const __m256 b) {
+    __m256 p = _mm256_mul_ps(a, b);
+    __asm__("" : "+x"(p));
+    return p;
+}
+
+// y[0..31] += v * ((float) c[j] * d + m) for 32 int8 codes (m: NULL for none; d0/d1 per half)
+static inline void kvq_mad32(float * GGML_RESTRICT y, const __m256i c, const float d0, const float d1,
+                             const int has_m, const float m, const __m256 vv) {
+    const __m128i clo = _mm256_castsi256_si128(c);
+    const __m128i chi = _mm256_extracti128_si256(c, 1);
+    const __m128i part[4] = { clo, _mm_srli_si128(clo, 8), chi, _mm_srli_si128(chi, 8) };
+    const __m256 vm = _mm256_set1_ps(m);
+    for (int k = 0; k < 4; ++k) {
+        const __m256 f  = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[k]));
+        const __m256 vd = _mm256_set1_ps(k < 2 ? d0 : d1);
+        __m256 x = kvq_mul_nofma(f, vd);
+        if (has_m) {
+            x = _mm256_add_ps(x, vm);
+        }
+        _mm256_storeu_ps(y + 8*k, _mm256_fmadd_ps(x, vv, _mm256_loadu_ps(y + 8*k)));
+    }
+}
+
+// the 32 bits of qh as 32 bytes of 0xFF or 0 (bit e -> byte e)
+static inline __m256i kvq_bits_avx2(const uint8_t * GGML_RESTRICT qh) {
+    uint32_t h;
+    memcpy(&h, qh, 4);
+    const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int) h),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
+}
+
+// 16 bytes of nibbles as 32 bytes: low nibbles (elements 0-15), then high nibbles (16-31)
+static inline __m256i kvq_nibbles_avx2(const uint8_t * GGML_RESTRICT qs) {
+    const __m128i q = _mm_loadu_si128((const __m128i *) qs);
+    const __m128i m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+}
+
+static void kvq_mad_q8_0(int n, float * GGML_RESTRICT y, const void * GGML_RESTRICT vx, float v) {
+    const block_q8_0 * GGML_RESTRICT x = (const block_q8_0 *) vx;
+    const __m256 vv = _mm256_set1_ps(v);
+    for (int i = 0; i < n/QK8_0; ++i) {
+        const float d = GGML_CPU_FP16_TO_FP32(x[i].d);
+        kvq_mad32(y + i*QK8_0, _mm256_loadu_si256((const __m256i *) x[i].qs), d, d, 0, 0.0f, vv);
+    }
+}
+
+static void kvq_mad_q4_0(int n, float * GGML_RESTRICT y, const void * GGML_RESTRICT vx, float v) {
+    const block_q4_0 * GGML_RESTRICT x = (const block_q4_0 *) vx;
+    const __m256 vv = _mm256_set1_ps(v);
+    for (int i = 0; i < n/QK4_0; ++i) {
+        const float d = GGML_CPU_FP16_TO_FP32(x[i].d);
+        const __m256i c = _mm256_sub_epi8(kvq_nibbles_avx2(x[i].qs), _mm256_set1_epi8(8));
+        kvq_mad32(y + i*QK4_0, c, d, d, 0, 0.0f, vv);
+    }
+}
+
+static void kvq_mad_q4_1(int n, float * GGML_RESTRICT y, const void * GGML_RESTRICT vx, float v) {
+    const block_q4_1 * GGML_RESTRICT x = (const block_q4_1 *) vx;
+    const __m256 vv = _mm256_set1_ps(v);
+    for (int i = 0; i < n/QK4_1; ++i) {
+        const float d = GGML_CPU_FP16_TO_FP32(x[i].d);
+        const float m = GGML_CPU_FP16_TO_FP32(x[i].m);
+        kvq_mad32(y + i*QK4_1, kvq_nibbles_avx2(x[i].qs), d, d, 1, m, vv);
+    }
+}
+
+static void kvq_mad_q5_0(int n, float * GGML_RESTRICT y, const void * GGML_RESTRICT vx, float v) {
+    const block_q5_0 * GGML_RESTRICT x = (const block_q5_0 *) vx;
+    const __m256 vv = _mm256_set1_ps(v);
+    for (int i = 0; i < n/QK5_0; ++i) {
+        const float d = GGML_CPU_FP16_TO_FP32(x[i].d);
+        const __m256i hi = _mm256_and_si256(kvq_bits_avx2(x[i].qh), _mm256_set1_epi8(0x10));
+        const __m256i c  = _mm256_sub_epi8(_mm256_or_si256(kvq_nibbles_avx2(x[i].qs), hi), _mm256_set1_epi8(16));
+        kvq_mad32(y + i*QK5_0, c, d, d, 0, 0.0f, vv);
+    }
+}
+
+static void kvq_mad_q5_1(int n, float * GGML_RESTRICT y, const void * GGML_RESTRICT vx, float v) {
+    const block_q5_1 * GGML_RESTRICT x = (const block_q5_1 *) vx;
+    const __m256 vv = _mm256_set1_ps(v);
+    for (int i = 0; i < n/QK5_1; ++i) {
+        const float d = GGML_CPU_FP16_TO_FP32(x[i].d);
+        const float m = GGML_CPU_FP16_TO_FP32(x[i].m);
+        const __m256i hi = _mm256_and_si256(kvq_bits_avx2(x[i].qh), _mm256_set1_epi8(0x10));
+        kvq_mad32(y + i*QK5_1, _mm256_or_si256(kvq_nibbles_avx2(x[i].qs), hi), d, d, 1, m, vv);
+    }
+}
+
+static void kvq_mad_iq4_nl(int n, float * GGML_RESTRICT y, const void * GGML_RESTRICT vx, float v) {
+    const block_iq4_nl * GGML_RESTRICT x = (const block_iq4_nl *) vx;
+    const __m256 vv = _mm256_set1_ps(v);
+    const __m256i values = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) kvalues_iq4nl));
+    for (int i = 0; i < n/QK4_NL; ++i) {
+        const float d = GGML_CPU_FP16_TO_FP32(x[i].d);
+        kvq_mad32(y + i*QK4_NL, _mm256_shuffle_epi8(values, kvq_nibbles_avx2(x[i].qs)), d, d, 0, 0.0f, vv);
+    }
+}
+
+static void kvq_mad_q3_kv(int n, float * GGML_RESTRICT y, const void * GGML_RESTRICT vx, float v) {
+    const block_q3_kv * GGML_RESTRICT x = (const block_q3_kv *) vx;
+    const __m256 vv = _mm256_set1_ps(v);
+    for (int i = 0; i < n/QK3_KV; ++i) {
+        const __m256i c = _mm256_sub_epi8(_mm256_or_si256(kvq_codes2_avx2(x[i].qs), kvq_high4_avx2(x[i].qh)),
+                                          _mm256_set1_epi8(4));
+        kvq_mad32(y + i*QK3_KV, c, GGML_CPU_FP16_TO_FP32(x[i].d[0]), GGML_CPU_FP16_TO_FP32(x[i].d[1]), 0, 0.0f, vv);
+    }
+}
+
+static void kvq_mad_q2_kv(int n, float * GGML_RESTRICT y, const void * GGML_RESTRICT vx, float v) {
+    const block_q2_kv * GGML_RESTRICT x = (const block_q2_kv *) vx;
+    const __m256 vv = _mm256_set1_ps(v);
+    for (int i = 0; i < n/QK2_KV; ++i) {
+        const float d = GGML_CPU_FP16_TO_FP32(x[i].d);
+        kvq_mad32(y + i*QK2_KV, kvq_codes2_avx2(x[i].qs), d, d, 1, GGML_CPU_FP16_TO_FP32(x[i].m), vv);
+    }
+}
+#endif
+
+ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+    static int enabled = -1;   // KVTUNER_CPU_KV_SIMD=0: the stock path (for comparisons)
+    if (enabled < 0) {
+        const char * e = getenv("KVTUNER_CPU_KV_SIMD");
+        enabled = !(e && e[0] == '0');
+    }
+    if (!enabled || n % 32 != 0) { // ggml_vec_mad_f32's AVX2 step: no scalar leftovers
+        return NULL;
+    }
+    switch (type) {
+        case GGML_TYPE_Q8_0:  return kvq_mad_q8_0;
+        case GGML_TYPE_Q4_0:  return kvq_mad_q4_0;
+        case GGML_TYPE_Q4_1:  return kvq_mad_q4_1;
+        case GGML_TYPE_Q5_0:  return kvq_mad_q5_0;
+        case GGML_TYPE_Q5_1:  return kvq_mad_q5_1;
+        case GGML_TYPE_IQ4_NL: return kvq_mad_iq4_nl;
+        case GGML_TYPE_Q3_KV: return kvq_mad_q3_kv;
+        case GGML_TYPE_Q2_KV: return kvq_mad_q2_kv;
+        default:              return NULL;
+    }
+#else
+    GGML_UNUSED(type);
+    GGML_UNUSED(n);
+    return NULL;
+#endif
 }

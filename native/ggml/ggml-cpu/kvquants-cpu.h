@@ -1,5 +1,6 @@
 // kvtuner-edge: CPU dot products of the q3_kv / q2_kv KV cache formats with the quantised Q row
-// (flash attention converts Q to the K type's vec_dot_type: q8_0 for q3_kv, q8_1 for q2_kv).
+// (flash attention converts Q to the K type's vec_dot_type: q8_0 for q3_kv, q8_1 for q2_kv), and the
+// V side of flash attention for the quantized cache types.
 #pragma once
 
 #include "ggml.h"
@@ -10,6 +11,12 @@ extern "C" {
 
 void ggml_vec_dot_q3_kv_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
 void ggml_vec_dot_q2_kv_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+
+// flash attention's V accumulation y[0..n) += v * dequantize(x) for a row of a quantized V cache type
+// (ggml's q8_0/q4_0/q4_1/q5_0/q5_1/iq4_nl and q3_kv/q2_kv), bit for bit the stock to_float + ggml_vec_mad_f32;
+// NULL where there is none for the type, the build or n (then the stock path runs)
+typedef void (*ggml_kvq_mad_t)(int n, float * GGML_RESTRICT y, const void * GGML_RESTRICT x, float v);
+ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n);
 
 #ifdef __cplusplus
 }
