@@ -22,6 +22,7 @@ SHAPES = {
     # n_embd, n_layer, n_head, n_head_kv, n_ff, n_vocab, rope_base, ctx
     "smollm2-135m": (576, 30, 9, 3, 1536, 49152, 100000.0, 8192),
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256, 500000.0, 8192),
+    "llama3.2-1b": (2048, 16, 32, 8, 8192, 128256, 500000.0, 8192),  # head size 64, GQA 4
     "tiny": (256, 4, 4, 2, 512, 4096, 10000.0, 4096),
     # head size 48: block-32 cache types cannot divide it (tests of the refusals)
     "tiny-head48": (192, 4, 4, 2, 512, 4096, 10000.0, 4096),
