@@ -21,7 +21,6 @@ import json
 import os
 import random
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 

@@ -9,7 +9,6 @@ import sys, os, time
 sys.path.insert(0, os.getcwd())
 from kvtuner_edge import engine, bench as B
 from kvtuner_edge.gguf_io import model_info
-import llama_cpp.llama_cpp as ll
 path = sys.argv[1]
 info = model_info(path)
 cfgs = [c for c in B.resolve_configs(path, ["file"], info, None)]

@@ -27,16 +27,20 @@ static inline __m256i kvq_codes2_avx2(const uint8_t * GGML_RESTRICT qs) {
     return _mm256_and_si256(v, _mm256_set1_epi8(3));
 }
 
-// the 32 bits of qh as 32 bytes of 0 or 4 (bit e -> byte e)
-static inline __m256i kvq_high4_avx2(const uint8_t * GGML_RESTRICT qh) {
+// the 32 bits of qh as 32 bytes of 0xFF or 0 (bit e -> byte e)
+static inline __m256i kvq_bits_avx2(const uint8_t * GGML_RESTRICT qh) {
     uint32_t h;
     memcpy(&h, qh, 4);
     const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int) h),
         _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
     const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
-    const __m256i on  = _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
-    return _mm256_and_si256(on, _mm256_set1_epi8(4));
+    return _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
+}
+
+// the 32 bits of qh as 32 bytes of 0 or 4 (bit e -> byte e)
+static inline __m256i kvq_high4_avx2(const uint8_t * GGML_RESTRICT qh) {
+    return _mm256_and_si256(kvq_bits_avx2(qh), _mm256_set1_epi8(4));
 }
 
 // the int32 sum of each 128-bit half of 8 int32 lanes
@@ -161,17 +165,6 @@ static inline void kvq_mad32(float * GGML_RESTRICT y, const __m256i c, const flo
         }
         _mm256_storeu_ps(y + 8*k, _mm256_fmadd_ps(x, vv, _mm256_loadu_ps(y + 8*k)));
     }
-}
-
-// the 32 bits of qh as 32 bytes of 0xFF or 0 (bit e -> byte e)
-static inline __m256i kvq_bits_avx2(const uint8_t * GGML_RESTRICT qh) {
-    uint32_t h;
-    memcpy(&h, qh, 4);
-    const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int) h),
-        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
 }
 
 // 16 bytes of nibbles as 32 bytes: low nibbles (elements 0-15), then high nibbles (16-31)
