@@ -232,7 +232,9 @@ cpu = _cpu_lib()
 used = {{t: bool(cpu.ggml_kvq_get_mad(T.get(t).ggml_id, 64)) for t in V_SIMD_TYPES}}
 out = {{}}
 for t in V_SIMD_TYPES:
-    with engine.open_model({str(smollm2)!r}, type_k="q8_0", type_v=t, n_ctx=512, logits_all=True) as m:
+    # ubatches of 32 rows: the one-row kernel (prompts of 64+ rows take the tiled one, patch 0012)
+    with engine.open_model({str(smollm2)!r}, type_k="q8_0", type_v=t, n_ctx=512, logits_all=True,
+                           n_batch=32, n_ubatch=32) as m:
         out[t] = m.logits({list(smol_tokens[:256])!r})
 np.savez(sys.argv[1], **out)
 print(json.dumps(used))
@@ -250,6 +252,30 @@ print(json.dumps(used))
         a, b = res["1"][t], res["0"][t]
         assert np.isfinite(a).all(), t
         assert np.array_equal(a, b), (t, float(np.abs(a - b).max()))
+
+
+@pytest.mark.parametrize("tk,tv", [("q4_0", "q4_0"), ("q8_0", "q3_kv"), ("q3_kv", "q2_kv"), ("f16", "q4_0")])
+def test_cpu_prompt_with_quantized_cache_takes_the_tiled_kernel(smollm2, smol_tokens, tk, tv):
+    """patches/0012: a prompt (ubatches of 64+ rows) with a quantized or mixed cache runs the tiled
+    flash-attention kernel on the rows dequantized to f32, ubatches of 32 rows the one-row kernel
+    (Q converted to K's vec_dot type). Both must describe the same attention: the paths differ by
+    rounding, far less than the cache's own error would allow a wrong row mapping or type to."""
+    toks = list(smol_tokens[:300])
+    out = {}
+    for ub in (512, 32):
+        with engine.open_model(smollm2, n_ctx=512, logits_all=True, type_k=tk, type_v=tv, use_file_types=False,
+                               n_batch=ub, n_ubatch=ub) as m:
+            out[ub] = m.logits(toks)
+    with engine.open_model(smollm2, n_ctx=512, logits_all=True, use_file_types=False) as m:
+        ref = m.logits(toks)
+    assert np.isfinite(out[512]).all()
+    assert not np.array_equal(out[512], out[32])            # two kernels, not one
+    paths = float(kld_per_token(out[32], out[512]).mean())
+    cache = float(kld_per_token(ref, out[512]).mean())      # the cache's error, tiled path
+    assert paths < 1.5 * cache + 0.005, (paths, cache)
+    top1_paths = (out[32].argmax(-1) == out[512].argmax(-1)).mean()
+    top1_cache = (ref.argmax(-1) == out[512].argmax(-1)).mean()
+    assert top1_paths > min(0.95, top1_cache) - 0.05, (top1_paths, top1_cache)
 
 
 def test_explicit_global_type_wins_over_per_layer(smollm2):

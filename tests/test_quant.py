@@ -211,6 +211,22 @@ def test_cache_types_bit_exact_vs_engine(eng, t, data):
     _assert_same(got, want, f"{t}/{data}", zero_sign_free=(t == "iq4_nl"))
 
 
+@pytest.mark.parametrize("t", ["q3_kv", "q2_kv"])
+def test_cpu_cache_write_is_the_reference_bytes(eng, t):
+    """patches/0013: the CPU backend writes q3_kv / q2_kv with the scale search in SIMD lanes
+    (kvquants-cpu.c); its bytes must be the reference code's (from_float_ref) for every data set,
+    for blocks holding inf / NaN / fp16-overflowing values, and for random scales over 14 decades."""
+    g = torch.Generator().manual_seed(7)
+    sp = _specials()
+    mixed = torch.randn(64, 32, generator=g)
+    mixed[:, 3] = sp[torch.arange(64) % sp.numel()]                 # one special value per block
+    wide = torch.randn(4096, 32, generator=g) * torch.logspace(-7, 7, 4096)[:, None]
+    for name, x in list(DATA.items()) + [("specials", mixed), ("wide", wide)]:
+        a = x.detach().cpu().numpy()
+        got, want = eng.quantize(a, t), eng.quantize(a, t, ref=True)
+        assert np.array_equal(got, want), (t, name, int((got != want).sum()))
+
+
 @pytest.mark.parametrize("data", list(DATA))
 @pytest.mark.parametrize("t", ["q8_0", "q8_1", "q8_K", "f16", "bf16"])
 def test_act_types_bit_exact_vs_engine(eng, t, data):

@@ -11,9 +11,10 @@ What a cache type does to a layer, per backend (see attend()):
     head size) when the layer's K is quantised, and to V and the attention output (block 64) when V is;
   - storage: K and V go through the type's own quantise/dequantise (calibrate.quant, bit-exact
     with ggml's CPU set_rows);
-  - the flash-attention path. CPU: a layer whose K and V are both f16 takes the tiled kernel (f32
-    throughout); any other layer takes the one-row kernel, which converts Q to K's vec_dot type
-    (q8_0/q8_1, or f16) before the dot product. CUDA (prefill, the MMA/tile kernels): K and V are
+  - the flash-attention path. CPU: with at least CPU_FA_TILE_Q query rows every layer takes the tiled
+    kernel, f32 throughout (a quantized or mixed cache's rows dequantized to f32 first, patch 0012,
+    while they fit its scratch: CPU_FA_KV_F32_SCRATCH_MAX); fewer rows (decode) take the one-row
+    kernel, which converts Q to K's vec_dot type (q8_0/q8_1, or f16) before the dot product. CUDA (prefill, the MMA/tile kernels): K and V are
     converted to f16 and Q to f16, accumulation in f32.
   - optionally (act_quant=True) the 8-bit quantisation of activations that llama.cpp's CPU matmuls
     apply before multiplying with quantised weights. This makes the model reproduce the engine's
@@ -41,6 +42,7 @@ from . import quant as Q
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 _NEOX = {"qwen2", "qwen3", "gemma3"}
 CPU_FA_TILE_Q = 64   # GGML_FA_TILE_Q: the CPU tiled kernel needs at least this many query rows
+CPU_FA_KV_F32_SCRATCH_MAX = 512 << 20   # patch 0012: a quantized cache's f32 rows at most this large
 
 
 class CalibrationError(KVTunerError):
@@ -283,7 +285,9 @@ class TorchModel:
         n_tok = q.shape[-2]
         extra = None
         if self.backend == "cpu":
-            tiled = tk.name == tv.name and tk.name in ("f16", "f32") and n_tok >= CPU_FA_TILE_Q
+            plain = tk.name == tv.name and tk.name in ("f16", "f32")
+            scratch = 4 * (math.prod(kc.shape[-3:]) + math.prod(vc.shape[-3:])) + 128   # one sequence's rows
+            tiled = n_tok >= CPU_FA_TILE_Q and (plain or scratch <= CPU_FA_KV_F32_SCRATCH_MAX)
             if not tiled:
                 vdt = Q.VEC_DOT_TYPE[tk.name]
                 if vdt == "q8_1":

@@ -12,6 +12,8 @@
 #include "simd-mappings.h"
 
 #include <assert.h>
+#include <float.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -282,3 +284,207 @@ ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
     return NULL;
 #endif
 }
+
+// ---------------------------------------------------------------------------------------------
+// The cache writes of q3_kv / q2_kv (SET_ROWS' from_float): the reference code's scale search with the
+// candidates in SIMD lanes. Each lane runs one candidate's operations in the reference order (one
+// rounding per operation: products kept apart from the following add, errors summed in element
+// order), the fp16 roundings by F16C (round to nearest even, as ggml's software conversion for
+// finite values), and the first strict minimum over the candidates in order wins: the same bytes
+// as quantize_row_q{3,2}_kv_ref. Blocks with inf or NaN take the reference code.
+#if defined(__AVX2__) && defined(__F16C__)
+
+static inline __m256 kvq_nofuse(__m256 p) {
+    __asm__("" : "+x"(p));
+    return p;
+}
+
+static const float kvq3_scale_c[16] = {
+    0.76f, 0.80f, 0.84f, 0.88f, 0.92f, 0.96f, 1.00f, 1.04f, 1.08f, 1.12f, 1.16f, 1.20f, 1.24f, 1.28f, 1.32f, 1.32f,
+};
+
+// one half block of q3_kv (16 values): scale and 16 codes 0..7; returns 0 where the reference must run
+static int kvq3_half_avx2(const float * GGML_RESTRICT x, ggml_half * GGML_RESTRICT dout, uint8_t * GGML_RESTRICT codes) {
+    float amax = 0.0f;
+    float mx   = 0.0f;
+    for (int j = 0; j < 16; ++j) {
+        const float ax = fabsf(x[j]);
+        if (!(ax <= FLT_MAX)) {
+            return 0; // inf or NaN
+        }
+        if (ax > amax) {
+            amax = ax;
+            mx   = x[j];
+        }
+    }
+    if (amax == 0.0f) {
+        *dout = ggml_fp32_to_fp16(0.0f);
+        memset(codes, 4, 16);
+        return 1;
+    }
+    __m256  d[2], id[2], err[2];
+    __m128i dh[2];
+    const __m256 nmx = _mm256_set1_ps(-mx);
+    for (int h = 0; h < 2; ++h) {
+        const __m256 sm = kvq_nofuse(_mm256_mul_ps(nmx, _mm256_loadu_ps(kvq3_scale_c + 8*h)));
+        const __m256 s4 = _mm256_mul_ps(sm, _mm256_set1_ps(0.25f));
+        dh[h]  = _mm256_cvtps_ph(s4, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        d[h]   = _mm256_cvtph_ps(dh[h]);
+        const __m256 nz = _mm256_cmp_ps(d[h], _mm256_setzero_ps(), _CMP_NEQ_OQ);
+        id[h]  = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), d[h]), nz);
+        err[h] = _mm256_setzero_ps();
+    }
+    __m256i q[16][2];
+    for (int j = 0; j < 16; ++j) {
+        const __m256 xj = _mm256_set1_ps(x[j]);
+        for (int h = 0; h < 2; ++h) {
+            const __m256  p  = kvq_nofuse(_mm256_mul_ps(xj, id[h]));
+            const __m256  v  = _mm256_add_ps(p, _mm256_set1_ps(4.5f));
+            __m256i       qi = _mm256_cvttps_epi32(v);
+            qi = _mm256_min_epi32(_mm256_max_epi32(qi, _mm256_setzero_si256()), _mm256_set1_epi32(7));
+            q[j][h] = qi;
+            const __m256  y  = kvq_nofuse(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(qi, _mm256_set1_epi32(4))), d[h]));
+            const __m256  r  = _mm256_sub_ps(y, xj);
+            const __m256  r2 = kvq_nofuse(_mm256_mul_ps(r, r));
+            err[h] = _mm256_add_ps(err[h], r2);
+        }
+    }
+    float e[16];
+    _mm256_storeu_ps(e, err[0]);
+    _mm256_storeu_ps(e + 8, err[1]);
+    int bt = 0;
+    float best = e[0];
+    for (int t = 1; t < 15; ++t) {
+        if (e[t] < best) {
+            best = e[t];
+            bt   = t;
+        }
+    }
+    uint16_t dhs[16];
+    _mm_storeu_si128((__m128i *) dhs, dh[0]);
+    _mm_storeu_si128((__m128i *) (dhs + 8), dh[1]);
+    memcpy(dout, &dhs[bt], sizeof(ggml_half));
+    for (int j = 0; j < 16; ++j) {
+        int32_t qs[8];
+        _mm256_storeu_si256((__m256i *) qs, q[j][bt / 8]);
+        codes[j] = (uint8_t) qs[bt % 8];
+    }
+    return 1;
+}
+
+void ggml_kvq_quantize_row_q3_kv(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t k) {
+    assert(k % QK3_KV == 0);
+    block_q3_kv * GGML_RESTRICT y = (block_q3_kv *) vy;
+    const int64_t nb = k / QK3_KV;
+    for (int64_t i = 0; i < nb; ++i) {
+        uint8_t c[QK3_KV];
+        if (!kvq3_half_avx2(x + i*QK3_KV, &y[i].d[0], c) || !kvq3_half_avx2(x + i*QK3_KV + 16, &y[i].d[1], c + 16)) {
+            quantize_row_q3_kv_ref(x + i*QK3_KV, &y[i], QK3_KV);
+            continue;
+        }
+        memset(y[i].qs, 0, sizeof(y[i].qs));
+        memset(y[i].qh, 0, sizeof(y[i].qh));
+        for (int j = 0; j < QK3_KV; ++j) {
+            y[i].qs[j % 8] |= (uint8_t) ((c[j] & 3) << (2 * (j / 8)));
+            y[i].qh[j / 8] |= (uint8_t) (((c[j] >> 2) & 1) << (j % 8));
+        }
+    }
+}
+
+// q2_kv: candidate (a, b) = (t / 4, t % 4) in lane t
+static const float kvq2_sa_c[16] = { 0.00f, 0.00f, 0.00f, 0.00f, 0.04f, 0.04f, 0.04f, 0.04f,
+                                     0.08f, 0.08f, 0.08f, 0.08f, 0.12f, 0.12f, 0.12f, 0.12f };
+static const float kvq2_sb_c[16] = { 0.00f, 0.04f, 0.08f, 0.12f, 0.00f, 0.04f, 0.08f, 0.12f,
+                                     0.00f, 0.04f, 0.08f, 0.12f, 0.00f, 0.04f, 0.08f, 0.12f };
+
+void ggml_kvq_quantize_row_q2_kv(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t k) {
+    assert(k % QK2_KV == 0);
+    block_q2_kv * GGML_RESTRICT y = (block_q2_kv *) vy;
+    const int64_t nb = k / QK2_KV;
+    for (int64_t i = 0; i < nb; ++i) {
+        const float * xb = x + i*QK2_KV;
+        float lo = xb[0];
+        float hi = xb[0];
+        int finite = 1;
+        for (int j = 0; j < QK2_KV; ++j) {
+            finite &= fabsf(xb[j]) <= FLT_MAX;
+            lo = xb[j] < lo ? xb[j] : lo;
+            hi = xb[j] > hi ? xb[j] : hi;
+        }
+        const float rng = hi - lo;
+        if (!finite || !(hi > lo) || !(fabsf(rng) <= FLT_MAX)) {
+            quantize_row_q2_kv_ref(xb, &y[i], QK2_KV); // degenerate or non-finite: the reference
+            continue;
+        }
+        __m256  d[2], m[2], id[2], err[2];
+        __m128i dh[2], mh[2];
+        const __m256 vr = _mm256_set1_ps(rng);
+        for (int h = 0; h < 2; ++h) {
+            const __m256 sa = kvq_nofuse(_mm256_mul_ps(_mm256_loadu_ps(kvq2_sa_c + 8*h), vr));
+            const __m256 sb = kvq_nofuse(_mm256_mul_ps(_mm256_loadu_ps(kvq2_sb_c + 8*h), vr));
+            const __m256 l2 = _mm256_add_ps(_mm256_set1_ps(lo), sa);
+            const __m256 h2 = _mm256_sub_ps(_mm256_set1_ps(hi), sb);
+            const __m256 dd = _mm256_div_ps(_mm256_sub_ps(h2, l2), _mm256_set1_ps(3.0f));
+            dh[h] = _mm256_cvtps_ph(dd, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            mh[h] = _mm256_cvtps_ph(l2, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            d[h]  = _mm256_cvtph_ps(dh[h]);
+            m[h]  = _mm256_cvtph_ps(mh[h]);
+            const __m256 nz = _mm256_cmp_ps(d[h], _mm256_setzero_ps(), _CMP_NEQ_OQ);
+            id[h]  = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), d[h]), nz);
+            err[h] = _mm256_setzero_ps();
+        }
+        __m256i q[QK2_KV][2];
+        for (int j = 0; j < QK2_KV; ++j) {
+            const __m256 xj = _mm256_set1_ps(xb[j]);
+            for (int h = 0; h < 2; ++h) {
+                const __m256 u  = _mm256_sub_ps(xj, m[h]);
+                const __m256 p  = kvq_nofuse(_mm256_mul_ps(u, id[h]));
+                const __m256 v  = _mm256_add_ps(p, _mm256_set1_ps(0.5f));
+                __m256i      qi = _mm256_cvttps_epi32(v);
+                qi = _mm256_min_epi32(_mm256_max_epi32(qi, _mm256_setzero_si256()), _mm256_set1_epi32(3));
+                q[j][h] = qi;
+                const __m256 dq = kvq_nofuse(_mm256_mul_ps(d[h], _mm256_cvtepi32_ps(qi)));
+                const __m256 yv = _mm256_add_ps(dq, m[h]);
+                const __m256 r  = _mm256_sub_ps(yv, xj);
+                const __m256 r2 = kvq_nofuse(_mm256_mul_ps(r, r));
+                err[h] = _mm256_add_ps(err[h], r2);
+            }
+        }
+        float e[16];
+        _mm256_storeu_ps(e, err[0]);
+        _mm256_storeu_ps(e + 8, err[1]);
+        int bt = 0;
+        float best = e[0];
+        for (int t = 1; t < 16; ++t) {
+            if (e[t] < best) {
+                best = e[t];
+                bt   = t;
+            }
+        }
+        uint16_t dhs[16], mhs[16];
+        _mm_storeu_si128((__m128i *) dhs, dh[0]);
+        _mm_storeu_si128((__m128i *) (dhs + 8), dh[1]);
+        _mm_storeu_si128((__m128i *) mhs, mh[0]);
+        _mm_storeu_si128((__m128i *) (mhs + 8), mh[1]);
+        memcpy(&y[i].d, &dhs[bt], sizeof(ggml_half));
+        memcpy(&y[i].m, &mhs[bt], sizeof(ggml_half));
+        memset(y[i].qs, 0, sizeof(y[i].qs));
+        for (int j = 0; j < QK2_KV; ++j) {
+            int32_t qs[8];
+            _mm256_storeu_si256((__m256i *) qs, q[j][bt / 8]);
+            y[i].qs[j % 8] |= (uint8_t) ((qs[bt % 8] & 3) << (2 * (j / 8)));
+        }
+    }
+}
+
+#else
+
+void ggml_kvq_quantize_row_q3_kv(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_q3_kv_ref(x, (block_q3_kv *) y, k);
+}
+
+void ggml_kvq_quantize_row_q2_kv(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_q2_kv_ref(x, (block_q2_kv *) y, k);
+}
+
+#endif
