@@ -1,13 +1,16 @@
-"""One protocol for the one-sequence decode step (issue 12): every cache of the bench in one process,
-interleaved, several repeats, each context built the way `kvtuner-edge bench` builds it (prefill the
-depth, share_prefix with a dummy token), then every decode call timed on its own (llama_decode blocks
-on the previous step, so call-to-call wall time is the step time). Prints, per repeat and cache, the
-bench's own figure (steps after `--warmup`, `--gen` of them) and the steady state (median of steps
-16..end), with ratios to f16 of the same repeat, and the per-step timeline of the first steps, so a
-warm-up effect (CUDA graph capture inside the timed steps) shows as such.
+"""One protocol for prompt and decode speed against f16 on a noisy machine (issues 12, 13): every cache
+of the bench in one process, interleaved, several repeats in rotated order, each context built the way
+`kvtuner-edge bench` builds it (prefill the depth, share_prefix with a dummy token), then every decode
+call timed on its own (llama_decode blocks on the previous step, so call-to-call wall time is the step
+time). Prints, per repeat and cache, the prefill tokens/s, the bench's own decode figure (steps after
+`--warmup`, `--gen` of them) and the steady state (median of steps 16..end; all steps when fewer), with
+ratios to f16 of the same repeat, the first steps' timeline (a warm-up effect such as CUDA graph
+capture shows as such), and the medians over repeats.
 
-    bash scripts/gpu_mmaq.sh py scripts/gpu_step_protocol.py /root/llama3-8b-random.mix325.gguf \
+    bash scripts/gpu_mmaq.sh py scripts/step_protocol.py /root/llama3-8b-random.mix325.gguf \
         --reps 3 --steps 96 --variant q4_0/rot_off:LLAMA_ATTN_ROT_DISABLE=1 --out $OUT/protocol.json
+    python scripts/step_protocol.py MODEL.kvtuner.gguf --configs file,q3_kv,q2_kv --depth 2048 \
+        --reps 5 --steps 24          # on the CPU
 
 No torch in this process (the profile script's steps, torch in the process, were 0.2-0.6 ms slower).
 """
@@ -76,7 +79,7 @@ def main() -> int:
                         else:
                             os.environ[k] = v
                 try:
-                    ctx.prefill(prompt[:a.depth])
+                    t_pp = ctx.prefill(prompt[:a.depth])
                     ctx.share_prefix(a.depth, dummy_token=prompt[a.depth])
                     ctx.sync()
                     times = []
@@ -93,8 +96,9 @@ def main() -> int:
                 finally:
                     ctx_cm.__exit__(None, None, None)
                 ms = [1e3 * t for t in times]
-                row[name] = {"bench_ms": statistics.fmean(ms[a.warmup:a.warmup + a.gen]),
-                             "steady_ms": statistics.median(ms[16:]),
+                row[name] = {"prefill_tps": a.depth / t_pp,
+                             "bench_ms": statistics.fmean(ms[a.warmup:a.warmup + a.gen]),
+                             "steady_ms": statistics.median(ms[16:] if len(ms) > 24 else ms[a.warmup:]),
                              "first_ms": ms[:8]}
             res["reps"].append(row)
             f16 = row.get("f16")
@@ -103,15 +107,19 @@ def main() -> int:
                 p = row[name]
                 rb = f16["bench_ms"] / p["bench_ms"] if f16 else float("nan")
                 rs = f16["steady_ms"] / p["steady_ms"] if f16 else float("nan")
-                print(f"  {name:>16}  bench-style {p['bench_ms']:7.3f} ms ({rb:5.3f}x f16)  steady median "
+                rp = p["prefill_tps"] / f16["prefill_tps"] if f16 else float("nan")
+                print(f"  {name:>16}  prefill {p['prefill_tps']:8.1f} t/s ({rp:5.3f}x f16)  bench-style {p['bench_ms']:7.3f} ms ({rb:5.3f}x f16)  steady median "
                       f"{p['steady_ms']:7.3f} ms ({rs:5.3f}x f16)  first steps "
                       + " ".join(f"{x:6.2f}" for x in p["first_ms"]), flush=True)
-    print("\nmedian over repeats of x f16 (bench-style / steady):")
+    print("\nmedian over repeats of x f16 (prefill / decode bench-style / decode steady):")
+    res["median_vs_f16"] = {}
     for _, name, _ in runs:
+        rp = statistics.median(rw[name]["prefill_tps"] / rw["f16"]["prefill_tps"] for rw in res["reps"])
         rb = statistics.median(rw["f16"]["bench_ms"] / rw[name]["bench_ms"] for rw in res["reps"])
         rs = statistics.median(rw["f16"]["steady_ms"] / rw[name]["steady_ms"] for rw in res["reps"])
         ms = statistics.median(rw[name]["steady_ms"] for rw in res["reps"])
-        print(f"  {name:>16}  {rb:5.3f}  {rs:5.3f}   steady {ms:.3f} ms")
+        res["median_vs_f16"][name] = {"prefill": rp, "decode_bench": rb, "decode_steady": rs}
+        print(f"  {name:>16}  {rp:5.3f}  {rb:5.3f}  {rs:5.3f}   steady {ms:.3f} ms")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0
