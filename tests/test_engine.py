@@ -255,11 +255,13 @@ print(json.dumps(used))
 
 
 @pytest.mark.parametrize("tk,tv", [("q4_0", "q4_0"), ("q8_0", "q3_kv"), ("q3_kv", "q2_kv"), ("f16", "q4_0")])
-def test_cpu_prompt_with_quantized_cache_takes_the_tiled_kernel(smollm2, smol_tokens, tk, tv):
+def test_cpu_prompt_path_of_quantized_cache_agrees_with_row_path(smollm2, smol_tokens, tk, tv):
     """patches/0012: a prompt (ubatches of 64+ rows) with a quantized or mixed cache runs the tiled
     flash-attention kernel on the rows dequantized to f32, ubatches of 32 rows the one-row kernel
-    (Q converted to K's vec_dot type). Both must describe the same attention: the paths differ by
-    rounding, far less than the cache's own error would allow a wrong row mapping or type to."""
+    (Q converted to K's vec_dot type). The two must describe the same attention: their logits differ
+    (rounding), by no more than the cache's own error, which a wrong row mapping, stride or type in
+    the conversion would exceed by far. (That the tiled kernel runs at all is what
+    test_calibrate.py's torch-vs-engine band and test-backend-ops' nb=75 cases on a GPU check.)"""
     toks = list(smol_tokens[:300])
     out = {}
     for ub in (512, 32):

@@ -14,8 +14,9 @@ What a cache type does to a layer, per backend (see attend()):
   - the flash-attention path. CPU: with at least CPU_FA_TILE_Q query rows every layer takes the tiled
     kernel, f32 throughout (a quantized or mixed cache's rows dequantized to f32 first, patch 0012,
     while they fit its scratch: CPU_FA_KV_F32_SCRATCH_MAX); fewer rows (decode) take the one-row
-    kernel, which converts Q to K's vec_dot type (q8_0/q8_1, or f16) before the dot product. CUDA (prefill, the MMA/tile kernels): K and V are
-    converted to f16 and Q to f16, accumulation in f32.
+    kernel, which converts Q to K's vec_dot type (q8_0/q8_1, or f16) before the dot product.
+    CUDA (prefill, the MMA/tile kernels): K and V are converted to f16 and Q to f16, accumulation
+    in f32.
   - optionally (act_quant=True) the 8-bit quantisation of activations that llama.cpp's CPU matmuls
     apply before multiplying with quantised weights. This makes the model reproduce the engine's
     numerical floor (any change of the cache re-rolls the rounding of every later activation),
