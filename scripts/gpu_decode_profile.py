@@ -23,6 +23,7 @@ import random
 import sys
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -128,9 +129,7 @@ def main() -> int:
                 for vname, env in variants:
                     if vname != "base" and c.name == "f16":
                         continue
-                    old = {k: os.environ.get(k) for k in env}
-                    os.environ.update(env)
-                    try:
+                    with mock.patch.dict(os.environ, env):   # read by the engine when the context starts
                         n_ctx_seq = B._pad(a.depth + 3 * a.steps + 8)
                         with runner.context(nseq, n_ctx_seq, **c.engine_args()) as ctx:
                             ctx.prefill(tokens[:a.depth])
@@ -145,12 +144,6 @@ def main() -> int:
                                 tp = ctx.decode_steps(st, pos, a.steps)
                             tr = Path(f"/tmp/trace_{c.name}_{vname}_{nseq}.json")
                             prof.export_chrome_trace(str(tr))
-                    finally:
-                        for k, v in old.items():
-                            if v is None:
-                                os.environ.pop(k, None)
-                            else:
-                                os.environ[k] = v
                     r = {"config": c.name, "variant": vname, "env": env, "batch": nseq, "depth": a.depth,
                          "wall_ms_per_step": 1000 * t / a.steps, "wall_ms_per_step_profiled": 1000 * tp / a.steps}
                     r.update(parse_trace(tr, a.steps))

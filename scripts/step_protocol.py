@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -67,17 +68,9 @@ def main() -> int:
             order = runs[rep % len(runs):] + runs[:rep % len(runs)]   # rotate the order each repeat
             row = {}
             for c, name, env in order:
-                old = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)
-                try:
+                with mock.patch.dict(os.environ, env):   # read by the engine when the context starts
                     ctx_cm = r.context(a.seqs, n_ctx, **c.engine_args())
                     ctx = ctx_cm.__enter__()
-                finally:
-                    for k, v in old.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
                 try:
                     t_pp = ctx.prefill(prompt[:a.depth])
                     ctx.share_prefix(a.depth, dummy_token=prompt[a.depth])

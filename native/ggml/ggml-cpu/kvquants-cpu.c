@@ -299,6 +299,27 @@ static inline __m256 kvq_nofuse(__m256 p) {
     return p;
 }
 
+// the first candidate with the least error (the reference's `t == 0 || err < best` over candidates in
+// order), of the first n lanes of err[0], err[1]
+static int kvq_first_min(const __m256 err[2], const int n) {
+    float e[16];
+    _mm256_storeu_ps(e, err[0]);
+    _mm256_storeu_ps(e + 8, err[1]);
+    int bt = 0;
+    for (int t = 1; t < n; ++t) {
+        bt = e[t] < e[bt] ? t : bt;
+    }
+    return bt;
+}
+
+// lane t of two 8 x fp16 vectors
+static uint16_t kvq_lane_u16(const __m128i v[2], const int t) {
+    uint16_t u[16];
+    _mm_storeu_si128((__m128i *) u, v[0]);
+    _mm_storeu_si128((__m128i *) (u + 8), v[1]);
+    return u[t];
+}
+
 static const float kvq3_scale_c[16] = {
     0.76f, 0.80f, 0.84f, 0.88f, 0.92f, 0.96f, 1.00f, 1.04f, 1.08f, 1.12f, 1.16f, 1.20f, 1.24f, 1.28f, 1.32f, 1.32f,
 };
@@ -349,21 +370,9 @@ static int kvq3_half_avx2(const float * GGML_RESTRICT x, ggml_half * GGML_RESTRI
             err[h] = _mm256_add_ps(err[h], r2);
         }
     }
-    float e[16];
-    _mm256_storeu_ps(e, err[0]);
-    _mm256_storeu_ps(e + 8, err[1]);
-    int bt = 0;
-    float best = e[0];
-    for (int t = 1; t < 15; ++t) {
-        if (e[t] < best) {
-            best = e[t];
-            bt   = t;
-        }
-    }
-    uint16_t dhs[16];
-    _mm_storeu_si128((__m128i *) dhs, dh[0]);
-    _mm_storeu_si128((__m128i *) (dhs + 8), dh[1]);
-    memcpy(dout, &dhs[bt], sizeof(ggml_half));
+    const int      bt  = kvq_first_min(err, 15);
+    const uint16_t dbt = kvq_lane_u16(dh, bt);
+    memcpy(dout, &dbt, sizeof(ggml_half));
     for (int j = 0; j < 16; ++j) {
         int32_t qs[8];
         _mm256_storeu_si256((__m256i *) qs, q[j][bt / 8]);
@@ -450,24 +459,11 @@ void ggml_kvq_quantize_row_q2_kv(const float * GGML_RESTRICT x, void * GGML_REST
                 err[h] = _mm256_add_ps(err[h], r2);
             }
         }
-        float e[16];
-        _mm256_storeu_ps(e, err[0]);
-        _mm256_storeu_ps(e + 8, err[1]);
-        int bt = 0;
-        float best = e[0];
-        for (int t = 1; t < 16; ++t) {
-            if (e[t] < best) {
-                best = e[t];
-                bt   = t;
-            }
-        }
-        uint16_t dhs[16], mhs[16];
-        _mm_storeu_si128((__m128i *) dhs, dh[0]);
-        _mm_storeu_si128((__m128i *) (dhs + 8), dh[1]);
-        _mm_storeu_si128((__m128i *) mhs, mh[0]);
-        _mm_storeu_si128((__m128i *) (mhs + 8), mh[1]);
-        memcpy(&y[i].d, &dhs[bt], sizeof(ggml_half));
-        memcpy(&y[i].m, &mhs[bt], sizeof(ggml_half));
+        const int      bt  = kvq_first_min(err, 16);
+        const uint16_t dbt = kvq_lane_u16(dh, bt);
+        const uint16_t mbt = kvq_lane_u16(mh, bt);
+        memcpy(&y[i].d, &dbt, sizeof(ggml_half));
+        memcpy(&y[i].m, &mbt, sizeof(ggml_half));
         memset(y[i].qs, 0, sizeof(y[i].qs));
         for (int j = 0; j < QK2_KV; ++j) {
             int32_t qs[8];
