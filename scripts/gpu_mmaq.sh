@@ -7,7 +7,8 @@
 #           test-backend-ops SET_ROWS; FLASH_ATTN_EXT decode cases CUDA vs CPU (correctness), then its perf
 #           mode on Llama-3-8B-shaped decode layers (f16 vs quantized vs the mixes' pairs, 1/16/64
 #           sequences at depth 4096), with our kernel and without it (KVTUNER_CUDA_FA_MMAQ=0: the GQA
-#           vector kernel of patch 0006) in the same build.
+#           vector kernel of patch 0006) in the same build; PERF_VARIANTS="5 ..." adds a measuring build's
+#           other configurations (KVTUNER_CUDA_FA_MMAQ_VARIANT), each against the default.
 #   profile: scripts/gpu_decode_profile.py: kernels and time per decode step, f16 vs quantized caches.
 #   py SCRIPT ARGS: a script of the working tree in the same environment, the tuned 8B file as $MODEL.
 #   bench:  `kvtuner-edge bench` on a random-weight Llama-3-8B-shaped GGUF with KVTuner's 3.25-bit mix
@@ -57,6 +58,13 @@ if [ "$STAGE" = kernel ]; then
     echo "perf (KVTUNER_CUDA_FA_MMAQ=$mmaq) rc=$?" | tee -a "$OUT/summary.txt"
   done
   python3 scripts/mmaq_perf_table.py "$OUT/tbo_perf_mmaq1.log" $(ls "$OUT/tbo_perf_mmaq0.log" 2>/dev/null) --json "$OUT/perf.json" | tee -a "$OUT/summary.txt"
+  # other kernel configurations of a measuring build (-DFATTN_MMAQ_WITH_VARIANTS=1), each against the default
+  for v in ${PERF_VARIANTS:-}; do
+    KVTUNER_CUDA_FA_MMAQ_VARIANT=$v timeout "${PERF_TIMEOUT:-200}" stdbuf -oL "$TBO" perf -o FLASH_ATTN_EXT -b CUDA0 -p "$PF" \
+        > "$OUT/tbo_perf_variant$v.log" 2>&1
+    echo "perf (KVTUNER_CUDA_FA_MMAQ_VARIANT=$v) rc=$?; 'off' columns: variant $v" | tee -a "$OUT/summary.txt"
+    python3 scripts/mmaq_perf_table.py "$OUT/tbo_perf_mmaq1.log" "$OUT/tbo_perf_variant$v.log" --json "$OUT/perf_variant$v.json" | tee -a "$OUT/summary.txt"
+  done
   exit 0
 fi
 
