@@ -1,7 +1,9 @@
 // kvtuner-edge: CPU dot products for the q3_kv / q2_kv KV cache formats.
-// AVX2: the codes of a block unpacked into one 256-bit register and multiplied with maddubs; elsewhere
-// plain C (codes unpacked to int8, then an int8 x int8 -> int32 reduction per 16 or 32 values). Both
-// give the same integer sums and then evaluate the same float expression, so results are identical.
+// AVX2: the codes of a block unpacked into one 256-bit register and multiplied with maddubs; aarch64
+// NEON: the codes as two 16-byte registers, sdot where the build has the dotprod extension, else
+// widening multiplies with pairwise adds; elsewhere plain C (codes unpacked to int8, then an int8 x
+// int8 -> int32 reduction per 16 or 32 values). All give the same integer sums and then evaluate the
+// same float expression, so results are identical (scripts/kvq_simd_check.sh checks it bit for bit).
 #define GGML_COMMON_IMPL_C
 #define GGML_COMMON_DECL_C
 #include "ggml-common.h"
@@ -17,7 +19,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX2__)
+// the SIMD paths of this build; KVQ_SCALAR_ONLY builds none (the reference of scripts/kvq_simd_check.c)
+#if defined(__AVX2__) && !defined(KVQ_SCALAR_ONLY)
+#define KVQ_AVX2 1
+#else
+#define KVQ_AVX2 0
+#endif
+#if defined(__ARM_NEON) && defined(__aarch64__) && !defined(KVQ_SCALAR_ONLY)
+#define KVQ_NEON 1
+#else
+#define KVQ_NEON 0
+#endif
+
+#if KVQ_AVX2
 #include <immintrin.h>
 
 // the 32 2-bit codes of a block as 32 bytes in element order: the 8 bytes of qs in each 64-bit lane,
@@ -56,7 +70,40 @@ static inline void kvq_hsum_halves(const __m256i v, int * lo, int * hi) {
     *lo = _mm_cvtsi128_si32(a);
     *hi = _mm_cvtsi128_si32(b);
 }
-#endif // __AVX2__
+#endif // KVQ_AVX2
+
+#if KVQ_NEON
+#include <arm_neon.h>
+
+// the 32 2-bit codes of a block in element order: elements 0-15 in lo, 16-31 in hi (element 8s + j is
+// field s of byte j)
+static inline void kvq_codes2_neon(const uint8_t * GGML_RESTRICT qs, uint8x16_t * lo, uint8x16_t * hi) {
+    const uint8x8_t b = vld1_u8(qs);
+    const uint8x8_t m = vdup_n_u8(3);
+    *lo = vcombine_u8(vand_u8(b, m), vand_u8(vshr_n_u8(b, 2), m));
+    *hi = vcombine_u8(vand_u8(vshr_n_u8(b, 4), m), vshr_n_u8(b, 6));
+}
+
+// the 32 bits of qh as bytes of 0 or 4 (bit l of qh[s] -> element 8s + l)
+static inline void kvq_high4_neon(const uint8_t * GGML_RESTRICT qh, uint8x16_t * lo, uint8x16_t * hi) {
+    static const uint8_t bits[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x16_t bit  = vld1q_u8(bits);
+    const uint8x16_t four = vdupq_n_u8(4);
+    *lo = vandq_u8(vtstq_u8(vcombine_u8(vdup_n_u8(qh[0]), vdup_n_u8(qh[1])), bit), four);
+    *hi = vandq_u8(vtstq_u8(vcombine_u8(vdup_n_u8(qh[2]), vdup_n_u8(qh[3])), bit), four);
+}
+
+// the int32 sum of 16 int8 products
+static inline int kvq_dot16_neon(const int8x16_t a, const int8x16_t b) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vaddvq_s32(vdotq_s32(vdupq_n_s32(0), a, b));
+#else
+    const int16x8_t p0 = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+    const int16x8_t p1 = vmull_high_s8(a, b); // |code x q| <= 4*128: no int16 overflow
+    return vaddvq_s32(vpadalq_s16(vpaddlq_s16(p0), p1));
+#endif
+}
+#endif // KVQ_NEON
 
 // q3_kv: add the high bits (bit i of qh -> +4 on element i) and centre: codes 0..7 -> -4..3
 static inline void kvq_add_high(const uint8_t * GGML_RESTRICT qh, int8_t * GGML_RESTRICT c) {
@@ -82,7 +129,7 @@ void ggml_vec_dot_q3_kv_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const vo
     float sumf = 0.0f;
     for (int i = 0; i < nb; ++i) {
         int s0 = 0, s1 = 0;
-#if defined(__AVX2__)
+#if KVQ_AVX2
         // codes 0..7 (unsigned) x q (signed) in 16-bit pairs, minus 4*sum(q): sum((c - 4)*q), exact
         const __m256i c  = _mm256_or_si256(kvq_codes2_avx2(x[i].qs), kvq_high4_avx2(x[i].qh));
         const __m256i q  = _mm256_loadu_si256((const __m256i *) y[i].qs);
@@ -90,6 +137,13 @@ void ggml_vec_dot_q3_kv_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const vo
         const __m256i cq = _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), one16);
         const __m256i sq = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(4), q), one16);
         kvq_hsum_halves(_mm256_sub_epi32(cq, sq), &s0, &s1);
+#elif KVQ_NEON
+        uint8x16_t c0, c1, h0, h1;
+        kvq_codes2_neon(x[i].qs, &c0, &c1);
+        kvq_high4_neon(x[i].qh, &h0, &h1);
+        const int8x16_t four = vdupq_n_s8(4);
+        s0 = kvq_dot16_neon(vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(c0, h0)), four), vld1q_s8(y[i].qs));
+        s1 = kvq_dot16_neon(vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(c1, h1)), four), vld1q_s8(y[i].qs + 16));
 #else
         int8_t c[QK3_KV];
         ggml_kvq_unpack2(x[i].qs, c);
@@ -98,7 +152,7 @@ void ggml_vec_dot_q3_kv_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const vo
             s0 += c[j] * y[i].qs[j];
             s1 += c[j + 16] * y[i].qs[j + 16];
         }
-#endif // __AVX2__
+#endif
         sumf += GGML_CPU_FP16_TO_FP32(y[i].d) *
                 (GGML_CPU_FP16_TO_FP32(x[i].d[0]) * (float) s0 + GGML_CPU_FP16_TO_FP32(x[i].d[1]) * (float) s1);
     }
@@ -115,19 +169,24 @@ void ggml_vec_dot_q2_kv_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const vo
     float sumf = 0.0f;
     for (int i = 0; i < nb; ++i) {
         int sumi = 0;
-#if defined(__AVX2__)
+#if KVQ_AVX2
         const __m256i q  = _mm256_loadu_si256((const __m256i *) y[i].qs);
         const __m256i cq = _mm256_madd_epi16(_mm256_maddubs_epi16(kvq_codes2_avx2(x[i].qs), q), _mm256_set1_epi16(1));
         int lo, hi;
         kvq_hsum_halves(cq, &lo, &hi);
         sumi = lo + hi;
+#elif KVQ_NEON
+        uint8x16_t c0, c1;
+        kvq_codes2_neon(x[i].qs, &c0, &c1);
+        sumi = kvq_dot16_neon(vreinterpretq_s8_u8(c0), vld1q_s8(y[i].qs)) +
+               kvq_dot16_neon(vreinterpretq_s8_u8(c1), vld1q_s8(y[i].qs + 16));
 #else
         int8_t c[QK2_KV];
         ggml_kvq_unpack2(x[i].qs, c);
         for (int j = 0; j < QK2_KV; ++j) {
             sumi += c[j] * y[i].qs[j];
         }
-#endif // __AVX2__
+#endif
         // x = d*c + m; y = dy*q with fp16 sy = dy*sum(q): sum(x*y) = d*dy*sum(c*q) + m*sy
         sumf += GGML_CPU_FP16_TO_FP32(x[i].d) * GGML_CPU_FP16_TO_FP32(y[i].d) * (float) sumi
               + GGML_CPU_FP16_TO_FP32(x[i].m) * GGML_CPU_FP16_TO_FP32(y[i].s);
@@ -142,7 +201,7 @@ void ggml_vec_dot_q2_kv_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const vo
 // float operations (code -> float, times d, plus m as a separate rounding where the scalar code
 // adds one, then fma(value, v, y)), so the accumulator is bit for bit the stock one; only where
 // ggml_vec_mad_f32 is exactly one fma per element (AVX2 + FMA, n a multiple of its step).
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+#if KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
 
 // a product that the compiler must not fuse with the following add (the scalar code rounds twice)
 static inline __m256 kvq_mul_nofma(const __m256 a, const __m256 b) {
@@ -258,7 +317,7 @@ static void kvq_mad_q2_kv(int n, float * GGML_RESTRICT y, const void * GGML_REST
 #endif
 
 ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+#if KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
     static int enabled = -1;   // KVTUNER_CPU_KV_SIMD=0: the stock path (for comparisons)
     if (enabled < 0) {
         const char * e = getenv("KVTUNER_CPU_KV_SIMD");
@@ -292,7 +351,7 @@ ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
 // order), the fp16 roundings by F16C (round to nearest even, as ggml's software conversion for
 // finite values), and the first strict minimum over the candidates in order wins: the same bytes
 // as quantize_row_q{3,2}_kv_ref. Blocks with inf or NaN take the reference code.
-#if defined(__AVX2__) && defined(__F16C__)
+#if KVQ_AVX2 && defined(__F16C__)
 
 static inline __m256 kvq_nofuse(__m256 p) {
     __asm__("" : "+x"(p));

@@ -1,0 +1,127 @@
+// kvtuner-edge: the CPU kernels of native/ggml/ggml-cpu/kvquants-cpu.c against the same file built with
+// no SIMD path (-DKVQ_SCALAR_ONLY, its symbols renamed ref_*), on random blocks:
+//   dot products (q3_kv x q8_0, q2_kv x q8_1): bit for bit;
+//   cache writes (from_float of q3_kv / q2_kv): byte for byte with the reference quantizers;
+//   V accumulation (q3_kv / q2_kv): bit for bit with dequantize_row + one fma per element, where the
+//   build has one (ggml_kvq_get_mad != NULL).
+// Built and run by scripts/kvq_simd_check.sh for this machine and, under qemu-user, for aarch64 (NEON,
+// with and without the dotprod extension). Prints one line per check and exits non-zero on a mismatch.
+#define GGML_COMMON_DECL_C
+#include "ggml-common.h"
+#include "ggml-impl.h"
+#include "ggml-kvquants.h"
+#include "kvquants-cpu.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void ref_ggml_vec_dot_q3_kv_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+void ref_ggml_vec_dot_q2_kv_q8_1(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+void ref_ggml_kvq_quantize_row_q3_kv(const float * x, void * y, int64_t k);
+void ref_ggml_kvq_quantize_row_q2_kv(const float * x, void * y, int64_t k);
+
+// the few symbols of libggml-base / libggml-cpu the three sources use, so that they link on their own
+float ggml_table_f32_f16[1 << 16];
+ggml_fp16_t ggml_fp32_to_fp16(float x) { return GGML_COMPUTE_FP32_TO_FP16(x); }
+size_t ggml_row_size(enum ggml_type type, int64_t ne) { (void) type; (void) ne; abort(); } // quantize_* only
+
+static uint64_t rng = 0x9E3779B97F4A7C15ULL;
+static uint32_t next_u32(void) { // xorshift64*
+    rng ^= rng >> 12; rng ^= rng << 25; rng ^= rng >> 27;
+    return (uint32_t) ((rng * 0x2545F4914F6CDD1DULL) >> 32);
+}
+static float next_f(void) { return (float) next_u32() / 4294967296.0f * 2.0f - 1.0f; }
+static void fill_bytes(void * p, size_t n) { for (size_t i = 0; i < n; ++i) ((uint8_t *) p)[i] = (uint8_t) next_u32(); }
+static ggml_half rand_half(float scale) { return GGML_FP32_TO_FP16(next_f() * scale); }
+
+static int bits_equal(float a, float b) { return memcmp(&a, &b, sizeof a) == 0; }
+
+int main(void) {
+    enum { N = 256, ROWS = 2000 };
+    int fails = 0;
+    for (uint32_t i = 0; i < (1u << 16); ++i) {
+        ggml_table_f32_f16[i] = GGML_COMPUTE_FP16_TO_FP32((ggml_fp16_t) i);
+    }
+    static block_q3_kv k3[N/32];
+    static block_q2_kv k2[N/32];
+    static block_q8_0  q80[N/32];
+    static block_q8_1  q81[N/32];
+
+    // dot products: random codes, finite scales from 1e-3 to 10
+    long diff3 = 0, diff2 = 0;
+    for (int r = 0; r < ROWS; ++r) {
+        const float sc = powf(10.0f, 4.0f*((float) next_u32() / 4294967296.0f) - 3.0f);
+        for (int b = 0; b < N/32; ++b) {
+            fill_bytes(k3[b].qs, sizeof k3[b].qs); fill_bytes(k3[b].qh, sizeof k3[b].qh);
+            k3[b].d[0] = rand_half(sc); k3[b].d[1] = rand_half(sc);
+            fill_bytes(k2[b].qs, sizeof k2[b].qs);
+            k2[b].d = rand_half(sc); k2[b].m = rand_half(sc);
+            fill_bytes(q80[b].qs, sizeof q80[b].qs); q80[b].d = rand_half(sc);
+            fill_bytes(q81[b].qs, sizeof q81[b].qs); q81[b].d = rand_half(sc); q81[b].s = rand_half(sc*32.0f);
+        }
+        float a, b;
+        ggml_vec_dot_q3_kv_q8_0(N, &a, 0, k3, 0, q80, 0, 1);
+        ref_ggml_vec_dot_q3_kv_q8_0(N, &b, 0, k3, 0, q80, 0, 1);
+        diff3 += !bits_equal(a, b);
+        ggml_vec_dot_q2_kv_q8_1(N, &a, 0, k2, 0, q81, 0, 1);
+        ref_ggml_vec_dot_q2_kv_q8_1(N, &b, 0, k2, 0, q81, 0, 1);
+        diff2 += !bits_equal(a, b);
+    }
+    printf("vec_dot q3_kv x q8_0: %d rows of %d, %ld differ\n", ROWS, N, diff3);
+    printf("vec_dot q2_kv x q8_1: %d rows of %d, %ld differ\n", ROWS, N, diff2);
+    fails += diff3 != 0 || diff2 != 0;
+
+    // cache writes: rows of several scales, zeros, ties (repeated values) and outliers
+    static float x[N];
+    static block_q3_kv w3a[N/32], w3b[N/32];
+    static block_q2_kv w2a[N/32], w2b[N/32];
+    long dq3 = 0, dq2 = 0;
+    for (int r = 0; r < ROWS; ++r) {
+        const float sc = powf(10.0f, 8.0f*((float) next_u32() / 4294967296.0f) - 4.0f);
+        for (int i = 0; i < N; ++i) {
+            const uint32_t kind = next_u32() % 16;
+            x[i] = kind == 0 ? 0.0f : kind == 1 ? (i > 0 ? x[i - 1] : sc) : kind == 2 ? 20.0f*sc*next_f() : sc*next_f();
+        }
+        ggml_kvq_quantize_row_q3_kv(x, w3a, N); ref_ggml_kvq_quantize_row_q3_kv(x, w3b, N);
+        ggml_kvq_quantize_row_q2_kv(x, w2a, N); ref_ggml_kvq_quantize_row_q2_kv(x, w2b, N);
+        dq3 += memcmp(w3a, w3b, sizeof w3a) != 0;
+        dq2 += memcmp(w2a, w2b, sizeof w2a) != 0;
+    }
+    printf("from_float q3_kv: %d rows of %d, %ld differ\n", ROWS, N, dq3);
+    printf("from_float q2_kv: %d rows of %d, %ld differ\n", ROWS, N, dq2);
+    fails += dq3 != 0 || dq2 != 0;
+
+    // V accumulation y += v * dequantize(x), against dequantize_row + one fma per element
+    const enum ggml_type vt[2] = {GGML_TYPE_Q3_KV, GGML_TYPE_Q2_KV};
+    for (int t = 0; t < 2; ++t) {
+        const ggml_kvq_mad_t mad = ggml_kvq_get_mad(vt[t], N);
+        if (mad == NULL) {
+            printf("mad %s: no SIMD path in this build\n", vt[t] == GGML_TYPE_Q3_KV ? "q3_kv" : "q2_kv");
+            continue;
+        }
+        long dm = 0;
+        static float ya[N], yb[N], deq[N];
+        for (int r = 0; r < ROWS; ++r) {
+            const float sc = powf(10.0f, 4.0f*((float) next_u32() / 4294967296.0f) - 2.0f);
+            for (int b = 0; b < N/32; ++b) {
+                fill_bytes(k3[b].qs, sizeof k3[b].qs); fill_bytes(k3[b].qh, sizeof k3[b].qh);
+                k3[b].d[0] = rand_half(sc); k3[b].d[1] = rand_half(sc);
+                fill_bytes(k2[b].qs, sizeof k2[b].qs); k2[b].d = rand_half(sc); k2[b].m = rand_half(sc);
+            }
+            for (int i = 0; i < N; ++i) ya[i] = yb[i] = next_f();
+            const float v = next_f();
+            const void * src = t == 0 ? (const void *) k3 : (const void *) k2;
+            mad(N, ya, src, v);
+            if (t == 0) dequantize_row_q3_kv(k3, deq, N); else dequantize_row_q2_kv(k2, deq, N);
+            for (int i = 0; i < N; ++i) yb[i] = fmaf(deq[i], v, yb[i]);
+            for (int i = 0; i < N; ++i) dm += !bits_equal(ya[i], yb[i]);
+        }
+        printf("mad %s: %d rows of %d, %ld values differ\n", t == 0 ? "q3_kv" : "q2_kv", ROWS, N, dm);
+        fails += dm != 0;
+    }
+    printf("%s\n", fails ? "FAIL" : "all equal");
+    return fails ? 1 : 0;
+}
