@@ -3,7 +3,9 @@
 //   dot products (q3_kv x q8_0, q2_kv x q8_1): bit for bit;
 //   cache writes (from_float of q3_kv / q2_kv): byte for byte with the reference quantizers;
 //   V accumulation (q3_kv / q2_kv): bit for bit with dequantize_row + one fma per element, where the
-//   build has one (ggml_kvq_get_mad != NULL).
+//   build has one (ggml_kvq_get_mad != NULL);
+// and prints a hash of the cache bytes, which must be the same on every ISA (the inputs are made with
+// exact float operations; the script builds this file with -ffp-contract=off).
 // Built and run by scripts/kvq_simd_check.sh for this machine and, under qemu-user, for aarch64 (NEON,
 // with and without the dotprod extension). Prints one line per check and exits non-zero on a mismatch.
 #define GGML_COMMON_DECL_C
@@ -34,6 +36,17 @@ static uint32_t next_u32(void) { // xorshift64*
     return (uint32_t) ((rng * 0x2545F4914F6CDD1DULL) >> 32);
 }
 static float next_f(void) { return (float) next_u32() / 4294967296.0f * 2.0f - 1.0f; }
+// 2^e for e in [lo, hi], times [1, 2): exact, unlike powf, whose last bits may differ between libms
+// (one draw per statement: the order in which a call's arguments are evaluated is the compiler's)
+static float next_scale(int lo, int hi) {
+    const float m = 1.0f + 0.5f*(next_f() + 1.0f);
+    const int   e = lo + (int) (next_u32() % (uint32_t) (hi - lo + 1));
+    return ldexpf(m, e);
+}
+static uint64_t fnv1a(uint64_t h, const void * p, size_t n) {
+    for (size_t i = 0; i < n; ++i) { h ^= ((const uint8_t *) p)[i]; h *= 0x100000001B3ULL; }
+    return h;
+}
 static void fill_bytes(void * p, size_t n) { for (size_t i = 0; i < n; ++i) ((uint8_t *) p)[i] = (uint8_t) next_u32(); }
 static ggml_half rand_half(float scale) { return GGML_FP32_TO_FP16(next_f() * scale); }
 
@@ -53,7 +66,7 @@ int main(void) {
     // dot products: random codes, finite scales from 1e-3 to 10
     long diff3 = 0, diff2 = 0;
     for (int r = 0; r < ROWS; ++r) {
-        const float sc = powf(10.0f, 4.0f*((float) next_u32() / 4294967296.0f) - 3.0f);
+        const float sc = next_scale(-10, 3);
         for (int b = 0; b < N/32; ++b) {
             fill_bytes(k3[b].qs, sizeof k3[b].qs); fill_bytes(k3[b].qh, sizeof k3[b].qh);
             k3[b].d[0] = rand_half(sc); k3[b].d[1] = rand_half(sc);
@@ -79,8 +92,9 @@ int main(void) {
     static block_q3_kv w3a[N/32], w3b[N/32];
     static block_q2_kv w2a[N/32], w2b[N/32];
     long dq3 = 0, dq2 = 0;
+    uint64_t h3 = 0xCBF29CE484222325ULL, h2 = h3;
     for (int r = 0; r < ROWS; ++r) {
-        const float sc = powf(10.0f, 8.0f*((float) next_u32() / 4294967296.0f) - 4.0f);
+        const float sc = next_scale(-14, 14);
         for (int i = 0; i < N; ++i) {
             const uint32_t kind = next_u32() % 16;
             x[i] = kind == 0 ? 0.0f : kind == 1 ? (i > 0 ? x[i - 1] : sc) : kind == 2 ? 20.0f*sc*next_f() : sc*next_f();
@@ -89,9 +103,12 @@ int main(void) {
         ggml_kvq_quantize_row_q2_kv(x, w2a, N); ref_ggml_kvq_quantize_row_q2_kv(x, w2b, N);
         dq3 += memcmp(w3a, w3b, sizeof w3a) != 0;
         dq2 += memcmp(w2a, w2b, sizeof w2a) != 0;
+        h3 = fnv1a(h3, w3b, sizeof w3b);
+        h2 = fnv1a(h2, w2b, sizeof w2b);
     }
     printf("from_float q3_kv: %d rows of %d, %ld differ\n", ROWS, N, dq3);
     printf("from_float q2_kv: %d rows of %d, %ld differ\n", ROWS, N, dq2);
+    printf("reference bytes: q3_kv %016llx q2_kv %016llx\n", (unsigned long long) h3, (unsigned long long) h2);
     fails += dq3 != 0 || dq2 != 0;
 
     // V accumulation y += v * dequantize(x), against dequantize_row + one fma per element
@@ -105,7 +122,7 @@ int main(void) {
         long dm = 0;
         static float ya[N], yb[N], deq[N];
         for (int r = 0; r < ROWS; ++r) {
-            const float sc = powf(10.0f, 4.0f*((float) next_u32() / 4294967296.0f) - 2.0f);
+            const float sc = next_scale(-7, 7);
             for (int b = 0; b < N/32; ++b) {
                 fill_bytes(k3[b].qs, sizeof k3[b].qs); fill_bytes(k3[b].qh, sizeof k3[b].qh);
                 k3[b].d[0] = rand_half(sc); k3[b].d[1] = rand_half(sc);

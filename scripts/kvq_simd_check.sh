@@ -4,7 +4,7 @@
 # for each target named: host (this machine, the engine's x86 flags AVX2+FMA+F16C), host-plain (no
 # -m flags), aarch64 (armv8-a NEON), aarch64-dotprod (armv8.2-a+dotprod), the aarch64 ones built with
 # Debian's cross compiler (gcc-aarch64-linux-gnu) and run under qemu-user (correctness only: speed on
-# ARM is not measured here).
+# ARM is not measured here). Each prints a hash of the reference cache bytes: equal on every target.
 #   bash scripts/kvq_simd_check.sh [targets...]       (default: every target this machine can run)
 # SRC: a patched llama.cpp source folder (vendor/llama.cpp); default: the pinned sdist from the build
 # cache, unpacked and patched into a temporary folder.
@@ -63,7 +63,7 @@ for t in "${targets[@]}"; do
   $CC $INC -c "$N/ggml-cpu/kvquants-cpu.c" -o "$d/simd.o"
   $CC $INC $REF -c "$N/ggml-cpu/kvquants-cpu.c" -o "$d/ref.o"
   $BASE $INC -c "$N/ggml-kvquants.c" -o "$d/kvq.o"
-  $CC -static $INC scripts/kvq_simd_check.c "$d/simd.o" "$d/ref.o" "$d/kvq.o" -lm -o "$d/check"
+  $CC -ffp-contract=off -static $INC scripts/kvq_simd_check.c "$d/simd.o" "$d/ref.o" "$d/kvq.o" -lm -o "$d/check"
   echo "== $t ($CC)"
   if ! $RUN "$d/check"; then rc=1; fi
 done

@@ -61,3 +61,18 @@ def test_simd_kernels_are_bit_identical_to_scalar(patched_src, target):
         for t in ("q3_kv", "q2_kv"):
             assert f"mad {t}: 2000 rows of 256, 0 values differ" in out, out
     assert out.rstrip().endswith("all equal"), out
+
+
+def test_cache_bytes_are_the_same_on_x86_and_aarch64(patched_src):
+    """The q3_kv/q2_kv reference quantizers write the same bytes on every ISA: no fused multiply-adds
+    (GCC contracts across statements by default, and aarch64 has FMA in its base ISA) and x86's
+    float-to-int conversion made explicit (a plain cast of an out-of-range value saturates on ARM)."""
+    if shutil.which("cc") is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("compares an x86 build with an aarch64 one")
+    if not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")):
+        pytest.skip("needs Debian's gcc-aarch64-linux-gnu and qemu-user")
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "kvq_simd_check.sh"), "host-plain", "aarch64"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, SRC=str(patched_src)))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    hashes = re.findall(r"^reference bytes: (.*)$", p.stdout, re.M)
+    assert len(hashes) == 2 and hashes[0] == hashes[1], p.stdout

@@ -12,9 +12,30 @@
 #include "ggml-kvquants.h"
 #include "ggml-impl.h"
 
+// no contraction into fused multiply-adds here, whatever the compiler's default: GCC contracts across
+// statements under -ffp-contract=fast, its default for GNU C, and aarch64 has FMA in its base ISA, so
+// without this an ARM build wrote other bytes than x86, CUDA and the torch model in some blocks
+// (scripts/kvq_simd_check.sh compares the bytes across ISAs)
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include <assert.h>
 #include <math.h>
 #include <string.h>
+
+// (int) v clamped to 0..qmax, with x86's conversion on every ISA: NaN and values outside int32 give 0,
+// as the CUDA quantizer and the torch model compute it. A plain cast is undefined there (ARM
+// saturates: +inf gave qmax), so blocks with values beyond fp16's range were written differently on ARM.
+static inline int kvq_trunc_clamp(const float v, const int qmax) {
+    if (!(v >= -2147483648.0f && v < 2147483648.0f)) {
+        return 0;
+    }
+    const int q = (int) v;
+    return q < 0 ? 0 : (q > qmax ? qmax : q);
+}
 
 // q3_kv: candidate scales, as factors of the half-block's signed absmax / -4
 static const float kvq3_scale_f[15] = {
@@ -50,8 +71,7 @@ static void kvq3_half(const float * GGML_RESTRICT x, ggml_half * GGML_RESTRICT d
         for (int j = 0; j < 16; ++j) {
             const float p = x[j] * id;
             const float v = p + 4.5f;
-            int q = (int) v;
-            q = q < 0 ? 0 : (q > 7 ? 7 : q);
+            const int q = kvq_trunc_clamp(v, 7);
             c[j] = (uint8_t) q;
             const float y = (float) (q - 4) * d;
             const float r = y - x[j];
@@ -143,8 +163,7 @@ void quantize_row_q2_kv_ref(const float * GGML_RESTRICT x, block_q2_kv * GGML_RE
                         const float u = xb[j] - m;
                         const float p = u * id;
                         const float v = p + 0.5f;
-                        int q = (int) v;
-                        q = q < 0 ? 0 : (q > 3 ? 3 : q);
+                        const int q = kvq_trunc_clamp(v, 3);
                         cc[j] = (uint8_t) q;
                         const float dq = d * (float) q;
                         const float yv = dq + m;
