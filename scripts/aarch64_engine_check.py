@@ -113,9 +113,7 @@ def main() -> int:
     try:
         src = a.src
         if src is None:
-            top = build.unpack(build.fetch_sdist(), work / "src")
-            build.apply_patches(top / "vendor" / "llama.cpp")
-            src = top / "vendor" / "llama.cpp"
+            src = build.prepare_source(build.fetch_sdist(), work / "src") / "vendor" / "llama.cpp"
         arm = [shutil.which("qemu-aarch64"), "-L", "/usr/aarch64-linux-gnu", str(cross_build(src, a.build_dir))]
         host = [str(host_build(src, work / "kvq_logits"))]
 

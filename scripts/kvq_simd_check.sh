@@ -19,9 +19,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, "native")
 import build
-top = build.unpack(build.fetch_sdist(), Path(sys.argv[1]))
-build.apply_patches(top / "vendor" / "llama.cpp")
-print(top / "vendor" / "llama.cpp")
+print(build.prepare_source(build.fetch_sdist(), Path(sys.argv[1]) / "src") / "vendor" / "llama.cpp")
 PY
   )
   SRC=$(printf '%s\n' "$SRC" | tail -n 1) # build.py logs to stdout first

@@ -25,9 +25,7 @@ def patched_src(tmp_path_factory):
         import build
     finally:
         sys.path.pop(0)
-    top = build.unpack(build.fetch_sdist(), tmp_path_factory.mktemp("llama-src"))
-    build.apply_patches(top / "vendor" / "llama.cpp")
-    return top / "vendor" / "llama.cpp"
+    return build.prepare_source(build.fetch_sdist(), tmp_path_factory.mktemp("llama-src")) / "vendor" / "llama.cpp"
 
 
 def _x86_flags() -> set[str]:
