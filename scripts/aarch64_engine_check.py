@@ -30,13 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "native"))
 import build  # noqa: E402
 
-CONFIGS = {
-    "f16": "k=f16;v=f16",
-    "q8_0": "k=q8_0;v=q8_0",
-    "q4_0": "k=q4_0;v=q4_0",
-    "q3_kv/q2_kv": "k=q3_kv;v=q2_kv",
-    "mix": None,  # filled per model: thirds of q3_kv / q8_0 / q4_0 K, halves of q2_kv / q3_kv V
-}
+def configs(n_layer: int) -> dict[str, str]:
+    """The caches compared: uniform ones and a per-layer mix (thirds of q3_kv / q8_0 / q4_0 K, halves of
+    q2_kv / q3_kv V)."""
+    t3 = n_layer // 3
+    return {"f16": "k=f16;v=f16", "q8_0": "k=q8_0;v=q8_0", "q4_0": "k=q4_0;v=q4_0",
+            "q3_kv/q2_kv": "k=q3_kv;v=q2_kv",
+            "mix": f"k=q3_kv*{t3},q8_0*{t3},q4_0*{n_layer - 2*t3};v=q2_kv*{n_layer // 2},q3_kv*{n_layer - n_layer // 2}"}
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -81,11 +81,9 @@ def logits(cmd: list[str], model: Path, tokens: Path, n_prompt: int, spec: str, 
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> dict:
-    def logsm(x):
-        x = x.astype(np.float64) - x.max(axis=1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-    la, lb = logsm(a), logsm(b)
-    kld = (np.exp(la) * (la - lb)).sum(axis=1)
+    """KL(a || b) per position and agreement of a's rows with b's."""
+    from kvtuner_edge.evaluate import kld_per_token
+    kld = kld_per_token(a, b)
     return {"rows": int(a.shape[0]), "top1_agree": float((a.argmax(1) == b.argmax(1)).mean()),
             "kld_mean": float(kld.mean()), "kld_max": float(kld.max()),
             "max_abs_diff": float(np.abs(a - b).max()), "finite": bool(np.isfinite(a).all())}
@@ -122,11 +120,9 @@ def main() -> int:
         with engine.open_model(str(model), n_ctx=64) as m:
             n_layer = len(m.layer_types()[0])
             n_vocab = m.llm.n_vocab()
-        t3 = n_layer // 3
-        CONFIGS["mix"] = (f"k=q3_kv*{t3},q8_0*{t3},q4_0*{n_layer - 2*t3};"
-                          f"v=q2_kv*{n_layer // 2},q3_kv*{n_layer - n_layer // 2}")
+        caches = configs(n_layer)
         res = {}
-        for name, spec in CONFIGS.items():
+        for name, spec in caches.items():
             res[name] = (logits(host, model, work / "tokens.txt", a.prompt_tokens, spec, work / "x.bin", n_vocab),
                          logits(arm, model, work / "tokens.txt", a.prompt_tokens, spec, work / "y.bin", n_vocab))
             print(f"{name}: done", flush=True)
@@ -134,7 +130,7 @@ def main() -> int:
         print(f"f16 cache, aarch64 vs x86: KLD mean {floor['kld_mean']:.2e}, top-1 agree {floor['top1_agree']:.2f}")
         print(f"{'cache':<12} {'KLD x86':>9} {'KLD arm':>9} {'top-1 x86':>9} {'top-1 arm':>9}  (each vs its own f16)")
         rows, bad = {"f16_cross_isa": floor}, []
-        for name, spec in CONFIGS.items():
+        for name, spec in caches.items():
             if name == "f16":
                 continue
             cx, ca = compare(res[name][0], res["f16"][0]), compare(res[name][1], res["f16"][1])

@@ -1,5 +1,5 @@
 // kvtuner-edge: logits of the patched engine for a fixed token sequence, to compare one build with another
-// (scripts/aarch64_engine_check.sh runs an aarch64 build of this under qemu-user against the x86 engine).
+// (scripts/aarch64_engine_check.py runs an aarch64 build of this under qemu-user against the x86 engine).
 // The cache types come from the model's kvtuner.* metadata or KVTUNER_KV_TYPES, as in every llama.cpp tool.
 //   kvq_logits MODEL.gguf TOKENS.txt OUT.bin N_PROMPT
 // TOKENS.txt: token ids separated by white space. The first N_PROMPT tokens are decoded as one batch
