@@ -3,7 +3,9 @@
 //   dot products (q3_kv x q8_0, q2_kv x q8_1): bit for bit;
 //   cache writes (from_float of q3_kv / q2_kv): byte for byte with the reference quantizers;
 //   V accumulation (q3_kv / q2_kv): bit for bit with dequantize_row + one fma per element, where the
-//   build has one (ggml_kvq_get_mad != NULL);
+//   build has one (ggml_kvq_get_mad != NULL); the chunked V sum of the grouped decode kernel
+//   (ggml_kvq_get_mad_rows: 1-32 rows into 1-8 accumulators, its own rounding) within 1e-6 of the
+//   sum's magnitude of the same sum in double;
 // and prints a hash of the cache bytes, which must be the same on every ISA (the inputs are made with
 // exact float operations; the script builds this file with -ffp-contract=off).
 // Built and run by scripts/kvq_simd_check.sh for this machine and, under qemu-user, for aarch64 (NEON,
@@ -28,6 +30,10 @@ void ref_ggml_kvq_quantize_row_q2_kv(const float * x, void * y, int64_t k);
 // the few symbols of libggml-base / libggml-cpu the three sources use, so that they link on their own
 float ggml_table_f32_f16[1 << 16];
 ggml_fp16_t ggml_fp32_to_fp16(float x) { return GGML_COMPUTE_FP32_TO_FP16(x); }
+void ggml_abort(const char * file, int line, const char * fmt, ...) {
+    fprintf(stderr, "abort at %s:%d (%s)\n", file, line, fmt);
+    abort();
+}
 size_t ggml_row_size(enum ggml_type type, int64_t ne) { (void) type; (void) ne; abort(); } // quantize_* only
 
 static uint64_t rng = 0x9E3779B97F4A7C15ULL;
@@ -138,6 +144,68 @@ int main(void) {
         }
         printf("mad %s: %d rows of %d, %ld values differ\n", t == 0 ? "q3_kv" : "q2_kv", ROWS, N, dm);
         fails += dm != 0;
+    }
+    // the grouped kernel's chunk of V rows into several heads' accumulators, against the sum in double
+    for (int t = 0; t < 2; ++t) {
+        const ggml_kvq_mad_rows_t rows = ggml_kvq_get_mad_rows(vt[t], N);
+        const char * name = vt[t] == GGML_TYPE_Q3_KV ? "q3_kv" : "q2_kv";
+        if (rows == NULL) {
+            printf("mad_rows %s: no SIMD path in this build\n", name);
+            continue;
+        }
+        enum { NC = 32, NH = 8 };
+        static block_q3_kv r3[NC][N/32];
+        static block_q2_kv r2[NC][N/32];
+        static float acc[NH][N], deq[NC][N], w[NH*NC];
+        double worst = 0.0, worst_seq = 0.0;
+        int cases = 0;
+        const int ncs[3] = {1, 7, NC}, nhs[3] = {1, 3, NH};
+        for (int r = 0; r < ROWS/20; ++r) {
+            const float sc = next_scale(-7, 7);
+            for (int c = 0; c < NC; ++c) {
+                for (int b = 0; b < N/32; ++b) {
+                    fill_bytes(r3[c][b].qs, sizeof r3[c][b].qs); fill_bytes(r3[c][b].qh, sizeof r3[c][b].qh);
+                    r3[c][b].d[0] = rand_half(sc); r3[c][b].d[1] = rand_half(sc);
+                    fill_bytes(r2[c][b].qs, sizeof r2[c][b].qs); r2[c][b].d = rand_half(sc); r2[c][b].m = rand_half(sc);
+                }
+                if (t == 0) dequantize_row_q3_kv(r3[c], deq[c], N); else dequantize_row_q2_kv(r2[c], deq[c], N);
+            }
+            for (int a = 0; a < 3; ++a) for (int b = 0; b < 3; ++b) {
+                const int nc = ncs[a], nh = nhs[b];
+                float * y[NH];
+                for (int h = 0; h < nh; ++h) {
+                    y[h] = acc[h];
+                    for (int i = 0; i < N; ++i) acc[h][i] = next_f();
+                    for (int c = 0; c < nc; ++c) w[h*NC + c] = c % 5 == 3 ? 0.0f : 0.5f + 0.5f*next_f();
+                }
+                static double exact[NH][N], mag[NH][N];
+                for (int h = 0; h < nh; ++h) for (int i = 0; i < N; ++i) {
+                    exact[h][i] = acc[h][i]; mag[h][i] = fabs(acc[h][i]);
+                    for (int c = 0; c < nc; ++c) {
+                        exact[h][i] += (double) w[h*NC + c]*deq[c][i];
+                        mag[h][i]   += fabs((double) w[h*NC + c]*deq[c][i]);
+                    }
+                }
+                // the one-row kernel's sum: the dequantized value, one fma per row in row order
+                static float seq[NH][N];
+                for (int h = 0; h < nh; ++h) for (int i = 0; i < N; ++i) {
+                    seq[h][i] = acc[h][i];
+                    for (int c = 0; c < nc; ++c) seq[h][i] = fmaf(deq[c][i], w[h*NC + c], seq[h][i]);
+                }
+                const void * src = t == 0 ? (const void *) r3 : (const void *) r2;
+                rows(N, nh, nc, y, (const char *) src, t == 0 ? sizeof r3[0] : sizeof r2[0], w, NC);
+                for (int h = 0; h < nh; ++h) for (int i = 0; i < N; ++i) {
+                    const double e  = fabs(acc[h][i] - exact[h][i])/(mag[h][i] + 1e-30);
+                    const double es = fabs(seq[h][i] - exact[h][i])/(mag[h][i] + 1e-30);
+                    worst = e > worst ? e : worst;
+                    worst_seq = es > worst_seq ? es : worst_seq;
+                }
+                ++cases;
+            }
+        }
+        printf("mad_rows %s: %d chunks of %d, worst error %.2e of the sum's magnitude (one fma per row: %.2e)\n",
+               name, cases, N, worst, worst_seq);
+        fails += !(worst <= 1e-6);
     }
     printf("%s\n", fails ? "FAIL" : "all equal");
     return fails ? 1 : 0;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU kernels of native/ggml/ggml-cpu/kvquants-cpu.c (q3_kv/q2_kv dot products, their cache writes,
-# the V accumulation) against the same file built without SIMD, bit for bit (scripts/kvq_simd_check.c),
+# the V accumulation) against the same file built without SIMD, bit for bit (scripts/kvq_simd_check.c;
+# the grouped decode kernel's chunked V sum, which rounds on its own, against exact sums),
 # for each target named: host (this machine, the engine's x86 flags AVX2+FMA+F16C), host-plain (no
 # -m flags), aarch64 (armv8-a NEON), aarch64-dotprod (armv8.2-a+dotprod), the aarch64 ones built with
 # Debian's cross compiler (gcc-aarch64-linux-gnu) and run under qemu-user (correctness only: speed on
@@ -27,7 +28,7 @@ fi
 N=$ROOT/native/ggml
 INC="-I$SRC/ggml/include -I$SRC/ggml/src -I$SRC/ggml/src/ggml-cpu -I$N -I$N/ggml-cpu"
 REF="-DKVQ_SCALAR_ONLY"
-for f in ggml_vec_dot_q3_kv_q8_0 ggml_vec_dot_q2_kv_q8_1 ggml_kvq_quantize_row_q3_kv ggml_kvq_quantize_row_q2_kv ggml_kvq_get_mad; do
+for f in ggml_vec_dot_q3_kv_q8_0 ggml_vec_dot_q2_kv_q8_1 ggml_kvq_quantize_row_q3_kv ggml_kvq_quantize_row_q2_kv ggml_kvq_get_mad ggml_kvq_get_mad_rows; do
   REF="$REF -D$f=ref_$f"
 done
 

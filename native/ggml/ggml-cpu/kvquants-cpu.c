@@ -314,6 +314,124 @@ static void kvq_mad_q2_kv(int n, float * GGML_RESTRICT y, const void * GGML_REST
         kvq_mad32(y + i*QK2_KV, kvq_codes2_avx2(x[i].qs), d, d, 1, GGML_CPU_FP16_TO_FP32(x[i].m), vv);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The grouped decode kernel's V side (ops.cpp, patch 0015): a chunk of nc <= 32 V rows into nh <= 8 Q
+// heads' accumulators, y[h][0..n) += sum_c w[h*ws + c] * dequantize(row c). Per 32-value block the rows'
+// codes go to a small buffer once (the same integer codes as above), then per 8 values every head's
+// accumulator stays in a register over the nc rows: a row is dequantized once for all heads and an
+// accumulator is loaded and stored once per chunk instead of once per row. Symmetric types fold the
+// block scale into the weight (fma(code, w*d, y): code*d is exact in float, so this is one rounding
+// more than the one-row kernel's, of the same size); types with a minimum make the value as the
+// one-row kernel does (fma(code, d, m), exactly its rounded sum) and then fma(value, w, y). Another
+// rounding order than the one-row kernel, not its bits.
+#define KVQ_ROWS_MAX  32
+#define KVQ_HEADS_MAX 8
+
+// 8 values (part k of a block) of nc rows into nh accumulators; HAS_M: dm = (d, m) per row, w per head
+// and row; else dw = w*d per head and row
+static inline __attribute__((always_inline)) void kvq_rows_part(const int nh, const int has_m, float * const * GGML_RESTRICT y,
+        const int off, const int8_t * GGML_RESTRICT codes, const int nc, const float * GGML_RESTRICT dw, const float * GGML_RESTRICT dm) {
+    __m256 acc[KVQ_HEADS_MAX];
+#pragma GCC unroll 8
+    for (int h = 0; h < nh; ++h) {
+        acc[h] = _mm256_loadu_ps(y[h] + off);
+    }
+    for (int c = 0; c < nc; ++c) {
+        __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (codes + 32*c))));
+        if (has_m) {
+            f = _mm256_fmadd_ps(f, _mm256_broadcast_ss(dm + 2*c), _mm256_broadcast_ss(dm + 2*c + 1));
+        }
+#pragma GCC unroll 8
+        for (int h = 0; h < nh; ++h) {
+            acc[h] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(dw + h*KVQ_ROWS_MAX + c), acc[h]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int h = 0; h < nh; ++h) {
+        _mm256_storeu_ps(y[h] + off, acc[h]);
+    }
+}
+
+// the four 8-value parts of one block (dw0/dm0: the first half's, dw1/dm1 the second's), the head count
+// a constant in each case (registers, unrolled)
+static inline void kvq_rows_block(const int nh, const int has_m, float * const * GGML_RESTRICT y, const int off,
+        const int8_t * GGML_RESTRICT codes, const int nc, const float * GGML_RESTRICT dw0, const float * GGML_RESTRICT dw1,
+        const float * GGML_RESTRICT dm) {
+#define KVQ_ROWS_NH(N) \
+    case N: for (int k = 0; k < 4; ++k) kvq_rows_part(N, has_m, y, off + 8*k, codes + 8*k, nc, k < 2 ? dw0 : dw1, dm); break;
+    switch (nh) {
+        KVQ_ROWS_NH(1) KVQ_ROWS_NH(2) KVQ_ROWS_NH(3) KVQ_ROWS_NH(4)
+        KVQ_ROWS_NH(5) KVQ_ROWS_NH(6) KVQ_ROWS_NH(7) KVQ_ROWS_NH(8)
+        default: GGML_ABORT("kvq rows: %d heads", nh);
+    }
+#undef KVQ_ROWS_NH
+}
+
+// one block of the 32-value-block types: codes as signed bytes (the offset of a symmetric type applied),
+// the scale of each half (HALVES: two), the minimum (HAS_M)
+#define KVQ_ROWS_FN(NAME, BLOCK, HAS_M, HALVES, DECODE)                                                               \
+static void kvq_rows_##NAME(int n, int nh, int nc, float * const * GGML_RESTRICT y, const char * GGML_RESTRICT vx,     \
+                            size_t stride, const float * GGML_RESTRICT w, int ws) {                                   \
+    int8_t codes[KVQ_ROWS_MAX*32];                                                                                    \
+    float dw0[KVQ_HEADS_MAX*KVQ_ROWS_MAX], dw1[KVQ_HEADS_MAX*KVQ_ROWS_MAX], dm[2*KVQ_ROWS_MAX];                       \
+    if (HAS_M) { /* the weights as they are; the rows' (d, m) per block */                                            \
+        for (int h = 0; h < nh; ++h) {                                                                                \
+            memcpy(dw0 + h*KVQ_ROWS_MAX, w + h*ws, nc*sizeof(float));                                                 \
+        }                                                                                                             \
+    }                                                                                                                 \
+    for (int i = 0; i < n/32; ++i) {                                                                                  \
+        for (int c = 0; c < nc; ++c) {                                                                                \
+            const BLOCK * GGML_RESTRICT b = (const BLOCK *) (vx + c*stride) + i;                                       \
+            float d0, d1 = 0.0f, m = 0.0f;                                                                             \
+            __m256i cv;                                                                                               \
+            DECODE                                                                                                    \
+            (void) d1;                                                                                                \
+            _mm256_storeu_si256((__m256i *) (codes + 32*c), cv);                                                      \
+            if (HAS_M) {                                                                                              \
+                dm[2*c] = d0;                                                                                         \
+                dm[2*c + 1] = m;                                                                                      \
+            } else {                                                                                                  \
+                for (int h = 0; h < nh; ++h) {                                                                        \
+                    dw0[h*KVQ_ROWS_MAX + c] = w[h*ws + c]*d0;                                                         \
+                    if (HALVES) dw1[h*KVQ_ROWS_MAX + c] = w[h*ws + c]*d1;                                             \
+                }                                                                                                     \
+            }                                                                                                         \
+        }                                                                                                             \
+        kvq_rows_block(nh, HAS_M, y, 32*i, codes, nc, dw0, HALVES ? dw1 : dw0, dm);                                   \
+    }                                                                                                                 \
+}
+
+KVQ_ROWS_FN(q8_0, block_q8_0, 0, 0,
+    d0 = GGML_CPU_FP16_TO_FP32(b->d);
+    cv = _mm256_loadu_si256((const __m256i *) b->qs);)
+KVQ_ROWS_FN(q4_0, block_q4_0, 0, 0,
+    d0 = GGML_CPU_FP16_TO_FP32(b->d);
+    cv = _mm256_sub_epi8(kvq_nibbles_avx2(b->qs), _mm256_set1_epi8(8));)
+KVQ_ROWS_FN(q4_1, block_q4_1, 1, 0,
+    d0 = GGML_CPU_FP16_TO_FP32(b->d);
+    m  = GGML_CPU_FP16_TO_FP32(b->m);
+    cv = kvq_nibbles_avx2(b->qs);)
+KVQ_ROWS_FN(q5_0, block_q5_0, 0, 0,
+    d0 = GGML_CPU_FP16_TO_FP32(b->d);
+    cv = _mm256_sub_epi8(_mm256_or_si256(kvq_nibbles_avx2(b->qs), _mm256_and_si256(kvq_bits_avx2(b->qh), _mm256_set1_epi8(0x10))),
+                         _mm256_set1_epi8(16));)
+KVQ_ROWS_FN(q5_1, block_q5_1, 1, 0,
+    d0 = GGML_CPU_FP16_TO_FP32(b->d);
+    m  = GGML_CPU_FP16_TO_FP32(b->m);
+    cv = _mm256_or_si256(kvq_nibbles_avx2(b->qs), _mm256_and_si256(kvq_bits_avx2(b->qh), _mm256_set1_epi8(0x10)));)
+KVQ_ROWS_FN(iq4_nl, block_iq4_nl, 0, 0,
+    d0 = GGML_CPU_FP16_TO_FP32(b->d);
+    cv = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) kvalues_iq4nl)), kvq_nibbles_avx2(b->qs));)
+KVQ_ROWS_FN(q3_kv, block_q3_kv, 0, 1,
+    d0 = GGML_CPU_FP16_TO_FP32(b->d[0]);
+    d1 = GGML_CPU_FP16_TO_FP32(b->d[1]);
+    cv = _mm256_sub_epi8(_mm256_or_si256(kvq_codes2_avx2(b->qs), kvq_high4_avx2(b->qh)), _mm256_set1_epi8(4));)
+KVQ_ROWS_FN(q2_kv, block_q2_kv, 1, 0,
+    d0 = GGML_CPU_FP16_TO_FP32(b->d);
+    m  = GGML_CPU_FP16_TO_FP32(b->m);
+    cv = kvq_codes2_avx2(b->qs);)
+#undef KVQ_ROWS_FN
 #endif
 
 ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
@@ -335,6 +453,29 @@ ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
         case GGML_TYPE_IQ4_NL: return kvq_mad_iq4_nl;
         case GGML_TYPE_Q3_KV: return kvq_mad_q3_kv;
         case GGML_TYPE_Q2_KV: return kvq_mad_q2_kv;
+        default:              return NULL;
+    }
+#else
+    GGML_UNUSED(type);
+    GGML_UNUSED(n);
+    return NULL;
+#endif
+}
+
+ggml_kvq_mad_rows_t ggml_kvq_get_mad_rows(enum ggml_type type, int64_t n) {
+#if KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+    if (ggml_kvq_get_mad(type, n) == NULL) { // the same types, builds and switch as the one-head mad
+        return NULL;
+    }
+    switch (type) {
+        case GGML_TYPE_Q8_0:  return kvq_rows_q8_0;
+        case GGML_TYPE_Q4_0:  return kvq_rows_q4_0;
+        case GGML_TYPE_Q4_1:  return kvq_rows_q4_1;
+        case GGML_TYPE_Q5_0:  return kvq_rows_q5_0;
+        case GGML_TYPE_Q5_1:  return kvq_rows_q5_1;
+        case GGML_TYPE_IQ4_NL: return kvq_rows_iq4_nl;
+        case GGML_TYPE_Q3_KV: return kvq_rows_q3_kv;
+        case GGML_TYPE_Q2_KV: return kvq_rows_q2_kv;
         default:              return NULL;
     }
 #else

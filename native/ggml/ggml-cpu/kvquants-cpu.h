@@ -18,6 +18,13 @@ void ggml_vec_dot_q2_kv_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const vo
 typedef void (*ggml_kvq_mad_t)(int n, float * GGML_RESTRICT y, const void * GGML_RESTRICT x, float v);
 ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n);
 
+// a chunk of nc <= 32 V rows (row c at x + c*stride) into nh <= 8 accumulators: y[h][0..n) += sum_c
+// w[h*ws + c] * dequantize(row c), each row dequantized once (its own rounding order, not the stock
+// bits); NULL where ggml_kvq_get_mad is NULL
+typedef void (*ggml_kvq_mad_rows_t)(int n, int nh, int nc, float * const * GGML_RESTRICT y, const char * GGML_RESTRICT x,
+                                    size_t stride, const float * GGML_RESTRICT w, int ws);
+ggml_kvq_mad_rows_t ggml_kvq_get_mad_rows(enum ggml_type type, int64_t n);
+
 // the cache writes (from_float) of q3_kv / q2_kv: the reference code's bytes, the scale search in SIMD
 // lanes where the build has AVX2 + F16C, else the reference code itself
 void ggml_kvq_quantize_row_q3_kv(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
