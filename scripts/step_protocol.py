@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=32, help="the bench's timed steps (its default)")
     ap.add_argument("--variant", action="append", default=[],
                     help="CONFIG/NAME:VAR=VALUE[,VAR=VALUE]: that config again with the environment set "
-                         "while its context is created")
+                         "while its context is created and runs")
     ap.add_argument("--out")
     a = ap.parse_args()
 
@@ -68,9 +68,12 @@ def main() -> int:
             order = runs[rep % len(runs):] + runs[:rep % len(runs)]   # rotate the order each repeat
             row = {}
             for c, name, env in order:
-                with mock.patch.dict(os.environ, env):   # read by the engine when the context starts
-                    ctx_cm = r.context(a.seqs, n_ctx, **c.engine_args())
-                    ctx = ctx_cm.__enter__()
+                # the variant's environment while its context starts and runs (some switches are read
+                # when the context starts, KVTUNER_CPU_FA_GROUP at every op)
+                env_cm = mock.patch.dict(os.environ, env)
+                env_cm.__enter__()
+                ctx_cm = r.context(a.seqs, n_ctx, **c.engine_args())
+                ctx = ctx_cm.__enter__()
                 try:
                     t_pp = ctx.prefill(prompt[:a.depth])
                     ctx.share_prefix(a.depth, dummy_token=prompt[a.depth])
@@ -88,6 +91,7 @@ def main() -> int:
                     times[-1] += time.perf_counter() - t_prev
                 finally:
                     ctx_cm.__exit__(None, None, None)
+                    env_cm.__exit__(None, None, None)
                 ms = [1e3 * t for t in times]
                 row[name] = {"prefill_tps": a.depth / t_pp,
                              "bench_ms": statistics.fmean(ms[a.warmup:a.warmup + a.gen]),
