@@ -53,7 +53,8 @@ int main(int argc, char ** argv) {
     const int n_threads = argc > 1 ? atoi(argv[1]) : 2;
     std::vector<Case> cases;
     const char * pairs[][2] = { {"q8_0", "q8_0"}, {"q4_0", "q3_kv"}, {"f16", "q4_0"}, {"q3_kv", "q2_kv"},
-                                {"q5_1", "iq4_nl"}, {"q4_1", "q5_0"}, {"q8_0", "q5_1"}, {"q2_kv", "q4_1"} };
+                                {"q5_1", "iq4_nl"}, {"q4_1", "q5_0"}, {"q8_0", "q5_1"}, {"q2_kv", "q4_1"},
+                                {"q5_0", "q8_0"}, {"iq4_nl", "q4_0"} };
     const int heads[][2] = { {3, 1}, {4, 2}, {16, 1}, {12, 2} };
     int i = 0;
     for (auto & p : pairs) {

@@ -432,6 +432,85 @@ KVQ_ROWS_FN(q2_kv, block_q2_kv, 1, 0,
     m  = GGML_CPU_FP16_TO_FP32(b->m);
     cv = kvq_codes2_avx2(b->qs);)
 #undef KVQ_ROWS_FN
+
+// The grouped decode kernel's K side: one K row against the nh <= 8 Q heads that share it, Q in q8_0
+// blocks (the vec_dot type of q8_0, q4_0, q5_0, iq4_nl and q3_kv). The row's codes are decoded once per
+// block (signed bytes, as above) and their absolute values taken once; per head the sign trick, byte
+// pairs into 16 and 32 bits (exact integer sums of each 4 products), and one fma per block with the
+// product of the scales (q3_kv: one per half). s[h*ss] receives head h's score.
+static inline float kvq_hsum8(const __m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+static inline __attribute__((always_inline)) void kvq_dot_heads_block(const int nh, __m256 * GGML_RESTRICT acc, const __m256i kx,
+        const float dk0, const float dk1, const char * GGML_RESTRICT q, const size_t qrow, const int i) {
+    const __m256i ax   = _mm256_sign_epi8(kx, kx);
+    const __m256i one  = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+    for (int h = 0; h < nh; ++h) {
+        const block_q8_0 * GGML_RESTRICT qb = (const block_q8_0 *) (q + h*qrow) + i;
+        const __m256i qy = _mm256_loadu_si256((const __m256i *) qb->qs);
+        const __m256i p  = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, kx)), one);
+        const float   dq = GGML_CPU_FP16_TO_FP32(qb->d);
+        const __m256  dd = _mm256_set_m128(_mm_set1_ps(dk1*dq), _mm_set1_ps(dk0*dq));
+        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc[h]);
+    }
+}
+
+#define KVQ_DOT_HEADS_FN(NAME, BLOCK, QK, DECODE)                                                                     \
+static inline __attribute__((always_inline)) void kvq_dot_heads_##NAME##_n(const int nh, int n, float * GGML_RESTRICT s,\
+        size_t ss, const void * GGML_RESTRICT vk, const char * GGML_RESTRICT q, size_t qrow) {                           \
+    __m256 acc[KVQ_HEADS_MAX];                                                                                        \
+    for (int h = 0; h < nh; ++h) {                                                                                    \
+        acc[h] = _mm256_setzero_ps();                                                                                 \
+    }                                                                                                                 \
+    for (int i = 0; i < n/QK; ++i) {                                                                                  \
+        const BLOCK * GGML_RESTRICT b = (const BLOCK *) vk + i;                                                       \
+        float d0, d1;                                                                                                 \
+        __m256i cv;                                                                                                   \
+        DECODE                                                                                                        \
+        kvq_dot_heads_block(nh, acc, cv, d0, d1, q, qrow, i);                                                         \
+    }                                                                                                                 \
+    for (int h = 0; h < nh; ++h) {                                                                                    \
+        s[h*ss] = kvq_hsum8(acc[h]);                                                                                  \
+    }                                                                                                                 \
+}                                                                                                                     \
+static void kvq_dot_heads_##NAME(int n, int nh, float * GGML_RESTRICT s, size_t ss, const void * GGML_RESTRICT vk,     \
+                                 const char * GGML_RESTRICT q, size_t qrow) {                                         \
+    switch (nh) {                                                                                                     \
+        case 1: kvq_dot_heads_##NAME##_n(1, n, s, ss, vk, q, qrow); break;                                            \
+        case 2: kvq_dot_heads_##NAME##_n(2, n, s, ss, vk, q, qrow); break;                                            \
+        case 3: kvq_dot_heads_##NAME##_n(3, n, s, ss, vk, q, qrow); break;                                            \
+        case 4: kvq_dot_heads_##NAME##_n(4, n, s, ss, vk, q, qrow); break;                                            \
+        case 5: kvq_dot_heads_##NAME##_n(5, n, s, ss, vk, q, qrow); break;                                            \
+        case 6: kvq_dot_heads_##NAME##_n(6, n, s, ss, vk, q, qrow); break;                                            \
+        case 7: kvq_dot_heads_##NAME##_n(7, n, s, ss, vk, q, qrow); break;                                            \
+        case 8: kvq_dot_heads_##NAME##_n(8, n, s, ss, vk, q, qrow); break;                                            \
+        default: GGML_ABORT("kvq dot heads: %d heads", nh);                                                           \
+    }                                                                                                                 \
+}
+
+KVQ_DOT_HEADS_FN(q8_0, block_q8_0, QK8_0,
+    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d);
+    cv = _mm256_loadu_si256((const __m256i *) b->qs);)
+KVQ_DOT_HEADS_FN(q4_0, block_q4_0, QK4_0,
+    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d);
+    cv = _mm256_sub_epi8(kvq_nibbles_avx2(b->qs), _mm256_set1_epi8(8));)
+KVQ_DOT_HEADS_FN(q5_0, block_q5_0, QK5_0,
+    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d);
+    cv = _mm256_sub_epi8(_mm256_or_si256(kvq_nibbles_avx2(b->qs), _mm256_and_si256(kvq_bits_avx2(b->qh), _mm256_set1_epi8(0x10))),
+                         _mm256_set1_epi8(16));)
+KVQ_DOT_HEADS_FN(iq4_nl, block_iq4_nl, QK4_NL,
+    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d);
+    cv = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) kvalues_iq4nl)), kvq_nibbles_avx2(b->qs));)
+KVQ_DOT_HEADS_FN(q3_kv, block_q3_kv, QK3_KV,
+    d0 = GGML_CPU_FP16_TO_FP32(b->d[0]);
+    d1 = GGML_CPU_FP16_TO_FP32(b->d[1]);
+    cv = _mm256_sub_epi8(_mm256_or_si256(kvq_codes2_avx2(b->qs), kvq_high4_avx2(b->qh)), _mm256_set1_epi8(4));)
+#undef KVQ_DOT_HEADS_FN
 #endif
 
 ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
@@ -477,6 +556,26 @@ ggml_kvq_mad_rows_t ggml_kvq_get_mad_rows(enum ggml_type type, int64_t n) {
         case GGML_TYPE_Q3_KV: return kvq_rows_q3_kv;
         case GGML_TYPE_Q2_KV: return kvq_rows_q2_kv;
         default:              return NULL;
+    }
+#else
+    GGML_UNUSED(type);
+    GGML_UNUSED(n);
+    return NULL;
+#endif
+}
+
+ggml_kvq_dot_heads_t ggml_kvq_get_dot_heads(enum ggml_type type, int64_t n) {
+#if KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+    if (ggml_kvq_get_mad(GGML_TYPE_Q8_0, n) == NULL) { // the same builds, switch and row sizes as the V side
+        return NULL;
+    }
+    switch (type) {
+        case GGML_TYPE_Q8_0:   return kvq_dot_heads_q8_0;
+        case GGML_TYPE_Q4_0:   return kvq_dot_heads_q4_0;
+        case GGML_TYPE_Q5_0:   return kvq_dot_heads_q5_0;
+        case GGML_TYPE_IQ4_NL: return kvq_dot_heads_iq4_nl;
+        case GGML_TYPE_Q3_KV:  return kvq_dot_heads_q3_kv;
+        default:               return NULL;
     }
 #else
     GGML_UNUSED(type);

@@ -25,6 +25,13 @@ typedef void (*ggml_kvq_mad_rows_t)(int n, int nh, int nc, float * const * GGML_
                                     size_t stride, const float * GGML_RESTRICT w, int ws);
 ggml_kvq_mad_rows_t ggml_kvq_get_mad_rows(enum ggml_type type, int64_t n);
 
+// scores of one K row (n values) against nh <= 8 Q rows in q8_0 blocks (row h at q + h*qrow): s[h*ss] =
+// K . Q[h], the row's codes decoded once for all heads; for the K types whose vec_dot type is q8_0
+// (q8_0, q4_0, q5_0, iq4_nl, q3_kv), NULL for the others and where ggml_kvq_get_mad is NULL
+typedef void (*ggml_kvq_dot_heads_t)(int n, int nh, float * GGML_RESTRICT s, size_t ss, const void * GGML_RESTRICT k,
+                                     const char * GGML_RESTRICT q, size_t qrow);
+ggml_kvq_dot_heads_t ggml_kvq_get_dot_heads(enum ggml_type type, int64_t n);
+
 // the cache writes (from_float) of q3_kv / q2_kv: the reference code's bytes, the scale search in SIMD
 // lanes where the build has AVX2 + F16C, else the reference code itself
 void ggml_kvq_quantize_row_q3_kv(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
