@@ -5,7 +5,8 @@
 //   V accumulation (q3_kv / q2_kv): bit for bit with dequantize_row + one fma per element, where the
 //   build has one (ggml_kvq_get_mad != NULL); the chunked V sum of the grouped decode kernel
 //   (ggml_kvq_get_mad_rows: 1-32 rows into 1-8 accumulators, its own rounding) within 1e-6 of the
-//   sum's magnitude of the same sum in double;
+//   sum's magnitude of the same sum in double; its K side (ggml_kvq_get_dot_heads: a q3_kv row against
+//   1-8 q8_0 rows) within 1e-6 of the products' magnitude of the exact dot product;
 // and prints a hash of the cache bytes, which must be the same on every ISA (the inputs are made with
 // exact float operations; the script builds this file with -ffp-contract=off).
 // Built and run by scripts/kvq_simd_check.sh for this machine and, under qemu-user, for aarch64 (NEON,
@@ -206,6 +207,50 @@ int main(void) {
         printf("mad_rows %s: %d chunks of %d, worst error %.2e of the sum's magnitude (one fma per row: %.2e)\n",
                name, cases, N, worst, worst_seq);
         fails += !(worst <= 1e-6);
+    }
+    // the grouped kernel's K side: one q3_kv row against several heads' q8_0 rows, against exact sums
+    {
+        const ggml_kvq_dot_heads_t dot = ggml_kvq_get_dot_heads(GGML_TYPE_Q3_KV, N);
+        if (dot == NULL) {
+            printf("dot_heads q3_kv: no SIMD path in this build\n");
+        } else {
+            enum { NH = 8 };
+            static block_q8_0 qh8[NH][N/32];
+            static float kd[N];
+            double worst = 0.0;
+            int cases = 0;
+            for (int r = 0; r < ROWS/10; ++r) {
+                const float sc = next_scale(-10, 3);
+                for (int b = 0; b < N/32; ++b) {
+                    fill_bytes(k3[b].qs, sizeof k3[b].qs); fill_bytes(k3[b].qh, sizeof k3[b].qh);
+                    k3[b].d[0] = rand_half(sc); k3[b].d[1] = rand_half(sc);
+                    for (int h = 0; h < NH; ++h) {
+                        // Q codes as quantize_row_q8_0 writes them: -127..127 (the AVX2 sign trick, like
+                        // ggml's own q8_0 dot products, relies on it)
+                        fill_bytes(qh8[h][b].qs, sizeof qh8[h][b].qs);
+                        for (int j = 0; j < 32; ++j) qh8[h][b].qs[j] = qh8[h][b].qs[j] == -128 ? -127 : qh8[h][b].qs[j];
+                        qh8[h][b].d = rand_half(sc);
+                    }
+                }
+                dequantize_row_q3_kv(k3, kd, N);
+                const int nh = 1 + r % NH;
+                float sres[NH*3];
+                dot(N, nh, sres, 3, k3, (const char *) qh8, sizeof qh8[0]);
+                for (int h = 0; h < nh; ++h) {
+                    double exact = 0.0, mag = 0.0;
+                    for (int i = 0; i < N; ++i) {
+                        const double qv = (double) GGML_COMPUTE_FP16_TO_FP32(qh8[h][i/32].d)*qh8[h][i/32].qs[i%32];
+                        exact += kd[i]*qv;
+                        mag   += fabs(kd[i]*qv);
+                    }
+                    const double e = fabs(sres[3*h] - exact)/(mag + 1e-30);
+                    worst = e > worst ? e : worst;
+                    ++cases;
+                }
+            }
+            printf("dot_heads q3_kv: %d rows of %d, worst error %.2e of the products' magnitude\n", cases, N, worst);
+            fails += !(worst <= 1e-6);
+        }
     }
     printf("%s\n", fails ? "FAIL" : "all equal");
     return fails ? 1 : 0;

@@ -28,7 +28,7 @@ fi
 N=$ROOT/native/ggml
 INC="-I$SRC/ggml/include -I$SRC/ggml/src -I$SRC/ggml/src/ggml-cpu -I$N -I$N/ggml-cpu"
 REF="-DKVQ_SCALAR_ONLY"
-for f in ggml_vec_dot_q3_kv_q8_0 ggml_vec_dot_q2_kv_q8_1 ggml_kvq_quantize_row_q3_kv ggml_kvq_quantize_row_q2_kv ggml_kvq_get_mad ggml_kvq_get_mad_rows; do
+for f in ggml_vec_dot_q3_kv_q8_0 ggml_vec_dot_q2_kv_q8_1 ggml_kvq_quantize_row_q3_kv ggml_kvq_quantize_row_q2_kv ggml_kvq_get_mad ggml_kvq_get_mad_rows ggml_kvq_get_dot_heads; do
   REF="$REF -D$f=ref_$f"
 done
 

@@ -437,7 +437,8 @@ KVQ_ROWS_FN(q2_kv, block_q2_kv, 1, 0,
 // blocks (the vec_dot type of q8_0, q4_0, q5_0, iq4_nl and q3_kv). The row's codes are decoded once per
 // block (signed bytes, as above) and their absolute values taken once; per head the sign trick, byte
 // pairs into 16 and 32 bits (exact integer sums of each 4 products), and one fma per block with the
-// product of the scales (q3_kv: one per half). s[h*ss] receives head h's score.
+// product of the scales (q3_kv: one per half). s[h*ss] receives head h's score. Q's codes are -127..127
+// as quantize_row_q8_0 writes them (the sign trick, as in ggml's own q8_0 dot products, needs it).
 static inline float kvq_hsum8(const __m256 v) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
@@ -513,14 +514,181 @@ KVQ_DOT_HEADS_FN(q3_kv, block_q3_kv, QK3_KV,
 #undef KVQ_DOT_HEADS_FN
 #endif
 
-ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
-#if KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
-    static int enabled = -1;   // KVTUNER_CPU_KV_SIMD=0: the stock path (for comparisons)
+#if KVQ_NEON && !(KVQ_AVX2)
+// The grouped decode kernel's K and V sides (above) for aarch64 NEON: the same decode of a block's codes
+// to signed bytes (elements 0-15 in lo, 16-31 in hi) and the same float operations per element (V:
+// fma(code, w*d, y), or fma(fma(code, d, m), w, y) for types with a minimum, in row order; K: exact
+// integer sums per half block, then the scales).
+#define KVQ_ROWS_MAX  32
+#define KVQ_HEADS_MAX 8
+
+// bit e of the 32 bits at qh (little endian: byte s holds elements 8s..8s+7) as bytes of v or 0
+static inline void kvq_highbits_neon(const uint8_t * GGML_RESTRICT qh, const uint8_t v, uint8x16_t * lo, uint8x16_t * hi) {
+    static const uint8_t bits[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x16_t bit = vld1q_u8(bits);
+    const uint8x16_t vv  = vdupq_n_u8(v);
+    *lo = vandq_u8(vtstq_u8(vcombine_u8(vdup_n_u8(qh[0]), vdup_n_u8(qh[1])), bit), vv);
+    *hi = vandq_u8(vtstq_u8(vcombine_u8(vdup_n_u8(qh[2]), vdup_n_u8(qh[3])), bit), vv);
+}
+
+// the nibbles of 16 bytes: low ones (elements 0-15), high ones (16-31)
+static inline void kvq_nibbles_neon(const uint8_t * GGML_RESTRICT qs, uint8x16_t * lo, uint8x16_t * hi) {
+    const uint8x16_t b = vld1q_u8(qs);
+    *lo = vandq_u8(b, vdupq_n_u8(0x0F));
+    *hi = vshrq_n_u8(b, 4);
+}
+
+#define KVQ_DECODE_Q8_0 \
+    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); lo = vld1q_s8(b->qs); hi = vld1q_s8(b->qs + 16);
+#define KVQ_DECODE_Q4_0 { uint8x16_t l, h; kvq_nibbles_neon(b->qs, &l, &h); \
+    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); \
+    lo = vsubq_s8(vreinterpretq_s8_u8(l), vdupq_n_s8(8)); hi = vsubq_s8(vreinterpretq_s8_u8(h), vdupq_n_s8(8)); }
+#define KVQ_DECODE_Q4_1 { uint8x16_t l, h; kvq_nibbles_neon(b->qs, &l, &h); \
+    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); m = GGML_CPU_FP16_TO_FP32(b->m); \
+    lo = vreinterpretq_s8_u8(l); hi = vreinterpretq_s8_u8(h); }
+#define KVQ_DECODE_Q5_0 { uint8x16_t l, h, bl, bh; kvq_nibbles_neon(b->qs, &l, &h); kvq_highbits_neon(b->qh, 0x10, &bl, &bh); \
+    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); \
+    lo = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(l, bl)), vdupq_n_s8(16)); hi = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(h, bh)), vdupq_n_s8(16)); }
+#define KVQ_DECODE_Q5_1 { uint8x16_t l, h, bl, bh; kvq_nibbles_neon(b->qs, &l, &h); kvq_highbits_neon(b->qh, 0x10, &bl, &bh); \
+    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); m = GGML_CPU_FP16_TO_FP32(b->m); \
+    lo = vreinterpretq_s8_u8(vorrq_u8(l, bl)); hi = vreinterpretq_s8_u8(vorrq_u8(h, bh)); }
+#define KVQ_DECODE_IQ4_NL { uint8x16_t l, h; kvq_nibbles_neon(b->qs, &l, &h); const int8x16_t t = vld1q_s8(kvalues_iq4nl); \
+    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); lo = vqtbl1q_s8(t, l); hi = vqtbl1q_s8(t, h); }
+#define KVQ_DECODE_Q3_KV { uint8x16_t l, h, bl, bh; kvq_codes2_neon(b->qs, &l, &h); kvq_highbits_neon(b->qh, 4, &bl, &bh); \
+    d0 = GGML_CPU_FP16_TO_FP32(b->d[0]); d1 = GGML_CPU_FP16_TO_FP32(b->d[1]); \
+    lo = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(l, bl)), vdupq_n_s8(4)); hi = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(h, bh)), vdupq_n_s8(4)); }
+#define KVQ_DECODE_Q2_KV { uint8x16_t l, h; kvq_codes2_neon(b->qs, &l, &h); \
+    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); m = GGML_CPU_FP16_TO_FP32(b->m); \
+    lo = vreinterpretq_s8_u8(l); hi = vreinterpretq_s8_u8(h); }
+
+// 8 values (part k of a block) of nc rows into nh accumulators (two float32x4 per head)
+static inline __attribute__((always_inline)) void kvq_rows_part_neon(const int nh, const int has_m, float * const * GGML_RESTRICT y,
+        const int off, const int8_t * GGML_RESTRICT codes, const int nc, const float * GGML_RESTRICT dw, const float * GGML_RESTRICT dm) {
+    float32x4_t a0[KVQ_HEADS_MAX], a1[KVQ_HEADS_MAX];
+    for (int h = 0; h < nh; ++h) {
+        a0[h] = vld1q_f32(y[h] + off);
+        a1[h] = vld1q_f32(y[h] + off + 4);
+    }
+    for (int c = 0; c < nc; ++c) {
+        const int16x8_t q = vmovl_s8(vld1_s8(codes + 32*c));
+        float32x4_t f0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(q)));
+        float32x4_t f1 = vcvtq_f32_s32(vmovl_high_s16(q));
+        if (has_m) {
+            f0 = vfmaq_n_f32(vdupq_n_f32(dm[2*c + 1]), f0, dm[2*c]);
+            f1 = vfmaq_n_f32(vdupq_n_f32(dm[2*c + 1]), f1, dm[2*c]);
+        }
+        for (int h = 0; h < nh; ++h) {
+            const float wv = dw[h*KVQ_ROWS_MAX + c];
+            a0[h] = vfmaq_n_f32(a0[h], f0, wv);
+            a1[h] = vfmaq_n_f32(a1[h], f1, wv);
+        }
+    }
+    for (int h = 0; h < nh; ++h) {
+        vst1q_f32(y[h] + off, a0[h]);
+        vst1q_f32(y[h] + off + 4, a1[h]);
+    }
+}
+
+static inline void kvq_rows_block_neon(const int nh, const int has_m, float * const * GGML_RESTRICT y, const int off,
+        const int8_t * GGML_RESTRICT codes, const int nc, const float * GGML_RESTRICT dw0, const float * GGML_RESTRICT dw1,
+        const float * GGML_RESTRICT dm) {
+#define KVQ_ROWS_NH(N) \
+    case N: for (int k = 0; k < 4; ++k) kvq_rows_part_neon(N, has_m, y, off + 8*k, codes + 8*k, nc, k < 2 ? dw0 : dw1, dm); break;
+    switch (nh) {
+        KVQ_ROWS_NH(1) KVQ_ROWS_NH(2) KVQ_ROWS_NH(3) KVQ_ROWS_NH(4)
+        KVQ_ROWS_NH(5) KVQ_ROWS_NH(6) KVQ_ROWS_NH(7) KVQ_ROWS_NH(8)
+        default: GGML_ABORT("kvq rows: %d heads", nh);
+    }
+#undef KVQ_ROWS_NH
+}
+
+#define KVQ_ROWS_FN(NAME, BLOCK, HAS_M, HALVES, DECODE)                                                               \
+static void kvq_rows_##NAME(int n, int nh, int nc, float * const * GGML_RESTRICT y, const char * GGML_RESTRICT vx,     \
+                            size_t stride, const float * GGML_RESTRICT w, int ws) {                                   \
+    int8_t codes[KVQ_ROWS_MAX*32];                                                                                    \
+    float dw0[KVQ_HEADS_MAX*KVQ_ROWS_MAX], dw1[KVQ_HEADS_MAX*KVQ_ROWS_MAX], dm[2*KVQ_ROWS_MAX];                       \
+    if (HAS_M) {                                                                                                      \
+        for (int h = 0; h < nh; ++h) {                                                                                \
+            memcpy(dw0 + h*KVQ_ROWS_MAX, w + h*ws, nc*sizeof(float));                                                 \
+        }                                                                                                             \
+    }                                                                                                                 \
+    for (int i = 0; i < n/32; ++i) {                                                                                  \
+        for (int c = 0; c < nc; ++c) {                                                                                \
+            const BLOCK * GGML_RESTRICT b = (const BLOCK *) (vx + c*stride) + i;                                       \
+            float d0, d1, m = 0.0f;                                                                                    \
+            int8x16_t lo, hi;                                                                                         \
+            DECODE                                                                                                    \
+            (void) d1; (void) m;                                                                                      \
+            vst1q_s8(codes + 32*c, lo);                                                                               \
+            vst1q_s8(codes + 32*c + 16, hi);                                                                          \
+            if (HAS_M) {                                                                                              \
+                dm[2*c] = d0;                                                                                         \
+                dm[2*c + 1] = m;                                                                                      \
+            } else {                                                                                                  \
+                for (int h = 0; h < nh; ++h) {                                                                        \
+                    dw0[h*KVQ_ROWS_MAX + c] = w[h*ws + c]*d0;                                                         \
+                    if (HALVES) dw1[h*KVQ_ROWS_MAX + c] = w[h*ws + c]*d1;                                             \
+                }                                                                                                     \
+            }                                                                                                         \
+        }                                                                                                             \
+        kvq_rows_block_neon(nh, HAS_M, y, 32*i, codes, nc, dw0, HALVES ? dw1 : dw0, dm);                              \
+    }                                                                                                                 \
+}
+
+KVQ_ROWS_FN(q8_0,   block_q8_0,   0, 0, KVQ_DECODE_Q8_0)
+KVQ_ROWS_FN(q4_0,   block_q4_0,   0, 0, KVQ_DECODE_Q4_0)
+KVQ_ROWS_FN(q4_1,   block_q4_1,   1, 0, KVQ_DECODE_Q4_1)
+KVQ_ROWS_FN(q5_0,   block_q5_0,   0, 0, KVQ_DECODE_Q5_0)
+KVQ_ROWS_FN(q5_1,   block_q5_1,   1, 0, KVQ_DECODE_Q5_1)
+KVQ_ROWS_FN(iq4_nl, block_iq4_nl, 0, 0, KVQ_DECODE_IQ4_NL)
+KVQ_ROWS_FN(q3_kv,  block_q3_kv,  0, 1, KVQ_DECODE_Q3_KV)
+KVQ_ROWS_FN(q2_kv,  block_q2_kv,  1, 0, KVQ_DECODE_Q2_KV)
+#undef KVQ_ROWS_FN
+
+#define KVQ_DOT_HEADS_FN(NAME, BLOCK, DECODE)                                                                         \
+static void kvq_dot_heads_##NAME(int n, int nh, float * GGML_RESTRICT s, size_t ss, const void * GGML_RESTRICT vk,     \
+                                 const char * GGML_RESTRICT q, size_t qrow) {                                         \
+    float acc[KVQ_HEADS_MAX] = {0};                                                                                   \
+    for (int i = 0; i < n/32; ++i) {                                                                                  \
+        const BLOCK * GGML_RESTRICT b = (const BLOCK *) vk + i;                                                       \
+        float d0, d1, m = 0.0f;                                                                                        \
+        int8x16_t lo, hi;                                                                                             \
+        DECODE                                                                                                        \
+        (void) m;                                                                                                     \
+        for (int h = 0; h < nh; ++h) {                                                                                \
+            const block_q8_0 * GGML_RESTRICT qb = (const block_q8_0 *) (q + h*qrow) + i;                              \
+            const int s0 = kvq_dot16_neon(lo, vld1q_s8(qb->qs));                                                      \
+            const int s1 = kvq_dot16_neon(hi, vld1q_s8(qb->qs + 16));                                                 \
+            const float dq = GGML_CPU_FP16_TO_FP32(qb->d);                                                            \
+            acc[h] += (d0*dq)*(float) s0 + (d1*dq)*(float) s1;                                                        \
+        }                                                                                                             \
+    }                                                                                                                 \
+    for (int h = 0; h < nh; ++h) {                                                                                    \
+        s[h*ss] = acc[h];                                                                                             \
+    }                                                                                                                 \
+}
+
+KVQ_DOT_HEADS_FN(q8_0,   block_q8_0,   KVQ_DECODE_Q8_0)
+KVQ_DOT_HEADS_FN(q4_0,   block_q4_0,   KVQ_DECODE_Q4_0)
+KVQ_DOT_HEADS_FN(q5_0,   block_q5_0,   KVQ_DECODE_Q5_0)
+KVQ_DOT_HEADS_FN(iq4_nl, block_iq4_nl, KVQ_DECODE_IQ4_NL)
+KVQ_DOT_HEADS_FN(q3_kv,  block_q3_kv,  KVQ_DECODE_Q3_KV)
+#undef KVQ_DOT_HEADS_FN
+#endif // KVQ_NEON
+
+// KVTUNER_CPU_KV_SIMD=0: the stock paths (for comparisons)
+static int kvq_simd_enabled(void) {
+    static int enabled = -1;
     if (enabled < 0) {
         const char * e = getenv("KVTUNER_CPU_KV_SIMD");
         enabled = !(e && e[0] == '0');
     }
-    if (!enabled || n % 32 != 0) { // ggml_vec_mad_f32's AVX2 step: no scalar leftovers
+    return enabled;
+}
+
+ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
+#if KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+    if (!kvq_simd_enabled() || n % 32 != 0) { // ggml_vec_mad_f32's AVX2 step: no scalar leftovers
         return NULL;
     }
     switch (type) {
@@ -542,8 +710,8 @@ ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
 }
 
 ggml_kvq_mad_rows_t ggml_kvq_get_mad_rows(enum ggml_type type, int64_t n) {
-#if KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
-    if (ggml_kvq_get_mad(type, n) == NULL) { // the same types, builds and switch as the one-head mad
+#if (KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)) || (KVQ_NEON && !(KVQ_AVX2))
+    if (!kvq_simd_enabled() || n % 32 != 0) {
         return NULL;
     }
     switch (type) {
@@ -565,8 +733,8 @@ ggml_kvq_mad_rows_t ggml_kvq_get_mad_rows(enum ggml_type type, int64_t n) {
 }
 
 ggml_kvq_dot_heads_t ggml_kvq_get_dot_heads(enum ggml_type type, int64_t n) {
-#if KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
-    if (ggml_kvq_get_mad(GGML_TYPE_Q8_0, n) == NULL) { // the same builds, switch and row sizes as the V side
+#if (KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)) || (KVQ_NEON && !(KVQ_AVX2))
+    if (!kvq_simd_enabled() || n % 32 != 0) {
         return NULL;
     }
     switch (type) {
