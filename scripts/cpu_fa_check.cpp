@@ -2,7 +2,9 @@
 // (the graph plan's use_ref) and against attention in double from the dequantized K/V. Cases cover GQA
 // groups (1-16 Q heads per KV head, so sub-groups too), head sizes 64/128, 1-32 query rows, positions in
 // partial chunks and past 512 (one query row: the positions split over the threads), masked rows and
-// chunks, ALiBi, logit softcap and sinks. One line of JSON per case on stdout:
+// chunks, masks per head (every third case, one per Q head or two alternating: each mask row sees a
+// prefix of another length), ALiBi,
+// logit softcap and sinks. One line of JSON per case on stdout:
 //   {"case": ..., "diff": max |op - stock|, "ref": max |stock|, "err_op": max |op - double|, "err_stock": ...}
 // Build: g++ -O2 -std=c++17 -I$SRC/ggml/include cpu_fa_check.cpp -L$LIB -lggml -lggml-base -lggml-cpu
 #include "ggml.h"
@@ -55,7 +57,7 @@ int main(int argc, char ** argv) {
     const char * pairs[][2] = { {"q8_0", "q8_0"}, {"q4_0", "q3_kv"}, {"f16", "q4_0"}, {"q3_kv", "q2_kv"},
                                 {"q5_1", "iq4_nl"}, {"q4_1", "q5_0"}, {"q8_0", "q5_1"}, {"q2_kv", "q4_1"},
                                 {"q5_0", "q8_0"}, {"iq4_nl", "q4_0"} };
-    const int heads[][2] = { {3, 1}, {4, 2}, {16, 1}, {12, 2} };
+    const int heads[][2] = { {3, 1}, {4, 2}, {16, 1}, {12, 2}, {6, 2} };
     int i = 0;
     for (auto & p : pairs) {
         for (auto & h : heads) {
@@ -82,7 +84,9 @@ int main(int argc, char ** argv) {
         ggml_tensor * vf = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, c.D, c.KV, c.HKV);
         ggml_tensor * k  = ggml_new_tensor_3d(ctx, tk, c.D, c.KV, c.HKV);
         ggml_tensor * v  = ggml_new_tensor_3d(ctx, tv, c.D, c.KV, c.HKV);
-        ggml_tensor * m  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, c.KV, c.N);
+        // mask heads: one (broadcast), or per Q head, or two (so a group of 3 heads reads rows 0, 1, 0)
+        const int MH = ci % 3 != 1 ? 1 : c.H % 2 == 0 ? 2 : c.H;
+        ggml_tensor * m  = ggml_new_tensor_3d(ctx, GGML_TYPE_F16, c.KV, c.N, MH);
         ggml_tensor * sk = c.sinks ? ggml_new_tensor_1d(ctx, GGML_TYPE_F32, c.H) : nullptr;
         std::mt19937 rng(1234 + ci);
         std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -96,15 +100,16 @@ int main(int argc, char ** argv) {
         if (sk) for (int j = 0; j < c.H; ++j) ((float *) sk->data)[j] = nd(rng);
         // each row sees a prefix of its own length; row 0 of a multi-row case sees none past 40 (whole
         // masked chunks), one row of four cases nothing at all (an empty row: output 0)
-        std::vector<int> valid(c.N);
         ggml_fp16_t * mp = (ggml_fp16_t *) m->data;
-        for (int r = 0; r < c.N; ++r) {
-            valid[r] = (c.N > 1 && r == 0) ? 40 : c.KV - (c.N - 1 - r)*3;
-            if (ci % 4 == 2 && c.N > 1 && r == 1) valid[r] = 0;
-            for (int col = 0; col < c.KV; ++col) {
-                // masked positions -inf, every fifth of the visible ones gets a finite bias
-                const float mv = col < valid[r] ? (col % 5 == 0 ? -1.5f : 0.0f) : -INFINITY;
-                mp[r*c.KV + col] = ggml_fp32_to_fp16(mv);
+        for (int mh = 0; mh < MH; ++mh) {
+            for (int r = 0; r < c.N; ++r) {
+                int valid = (c.N > 1 && r == 0) ? 40 : c.KV - (c.N - 1 - r)*3 - 7*mh;
+                if (ci % 4 == 2 && c.N > 1 && r == 1) valid = 0;
+                for (int col = 0; col < c.KV; ++col) {
+                    // masked positions -inf, every fifth of the visible ones gets a finite bias
+                    const float mv = col < valid ? (col % 5 == 0 ? -1.5f : 0.0f) : -INFINITY;
+                    mp[(mh*c.N + r)*c.KV + col] = ggml_fp32_to_fp16(mv);
+                }
             }
         }
         // K and V quantized once (the op's graph below reads them as leaves)
@@ -140,7 +145,7 @@ int main(int argc, char ** argv) {
                 std::vector<double> s(c.KV, -INFINITY);
                 double mx = -INFINITY;
                 for (int col = 0; col < c.KV; ++col) {
-                    const float mv = ggml_fp16_to_fp32(mp[r*c.KV + col]);
+                    const float mv = ggml_fp16_to_fp32(mp[((h % MH)*c.N + r)*c.KV + col]);
                     if (mv == -INFINITY) continue;
                     double a = 0;
                     for (int d = 0; d < c.D; ++d) a += (double) ((float *) q->data)[(h*c.N + r)*c.D + d]*kd[(hk*c.KV + col)*c.D + d];

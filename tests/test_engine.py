@@ -269,9 +269,9 @@ def test_cpu_grouped_decode_kernel_agrees_with_one_row_kernel(patched_src, tmp_p
     """patches/0015: the grouped decode kernel (Q heads by KV head, softmax per 32 positions, V rows
     dequantized once, one sequence's positions split over threads) against the stock one-row kernel
     (the graph plan's use_ref) and attention in double from the dequantized K/V, on the op itself:
-    scripts/cpu_fa_check.cpp, 240 cases (10 K/V pairs, every candidate K type and f16, GQA 1-16 heads per KV head,
-    head sizes 64/128, 1-32 query rows, 100 and 700 positions, masked rows and chunks, ALiBi, softcap,
-    sinks), two threads."""
+    scripts/cpu_fa_check.cpp, 300 cases (10 K/V pairs, every candidate K type and f16, GQA 1-16 heads
+    per KV head, head sizes 64/128, 1-32 query rows, 100 and 700 positions, masked rows and chunks,
+    masks per head, ALiBi, softcap, sinks), two threads."""
     import json
     import pathlib
     import subprocess
@@ -291,7 +291,7 @@ def test_cpu_grouped_decode_kernel_agrees_with_one_row_kernel(patched_src, tmp_p
                        env=dict(os.environ, KVTUNER_CPU_FA_GROUP="1"))
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(line) for line in p.stdout.splitlines()]
-    assert len(rows) == 240
+    assert len(rows) == 300
     for r in rows:
         # the two kernels round the softmax differently: float noise, far below what a wrong head, row,
         # position or stride gives (an output of another head differs by ~ref)
