@@ -280,7 +280,7 @@ def test_cpu_grouped_decode_kernel_agrees_with_one_row_kernel(patched_src, tmp_p
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler")
     if not _has_grouped_decode():
-        pytest.skip("the grouped kernel needs the SIMD V mad (AVX2+FMA+F16C builds without AVX-512)")
+        pytest.skip("the grouped kernel needs our SIMD V chunk sum (AVX2+FMA+F16C without AVX-512, or aarch64 NEON)")
     lib = pathlib.Path(llama_cpp.__file__).parent / "lib"
     exe = tmp_path / "cpu_fa_check"
     root = pathlib.Path(__file__).resolve().parent.parent
@@ -312,7 +312,7 @@ def test_cpu_grouped_decode_logits_match_one_row_kernel(smollm2, tmp_path):
     import sys
 
     if not _has_grouped_decode():
-        pytest.skip("the grouped kernel needs the SIMD V mad (AVX2+FMA+F16C builds without AVX-512)")
+        pytest.skip("the grouped kernel needs our SIMD V chunk sum (AVX2+FMA+F16C without AVX-512, or aarch64 NEON)")
     code = f"""
 import sys
 import numpy as np
