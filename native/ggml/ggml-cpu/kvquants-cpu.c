@@ -316,23 +316,32 @@ static void kvq_mad_q2_kv(int n, float * GGML_RESTRICT y, const void * GGML_REST
 }
 
 // ---------------------------------------------------------------------------------------------
-// The grouped decode kernel's V side (ops.cpp, patch 0015): a chunk of nc <= 32 V rows into nh <= 8 Q
-// heads' accumulators, y[h][0..n) += sum_c w[h*ws + c] * dequantize(row c). Per 32-value block the rows'
-// codes go to a small buffer once (the same integer codes as above), then per 8 values every head's
-// accumulator stays in a register over the nc rows: a row is dequantized once for all heads and an
-// accumulator is loaded and stored once per chunk instead of once per row. Symmetric types fold the
-// block scale into the weight (fma(code, w*d, y): code*d is exact in float, so this is one rounding
-// more than the one-row kernel's, of the same size); types with a minimum make the value as the
-// one-row kernel does (fma(code, d, m), exactly its rounded sum) and then fma(value, w, y). Another
-// rounding order than the one-row kernel, not its bits.
-#define KVQ_ROWS_MAX  32
-#define KVQ_HEADS_MAX 8
+// The grouped decode kernel (ops.cpp, patch 0015), AVX2 pieces: the decode of a block's codes to 32
+// signed bytes (the offset of a symmetric type applied; scales d0/d1 of the halves, minimum m), the
+// 8-value part of the chunked V sum and the K dot of one block against the heads' q8_0 rows. The
+// drivers, shared with NEON, follow both ISA sections.
+#define KVQ_GROUP 1
+#define KVQ_CODES_DECL          __m256i cv;
+#define KVQ_CODES_STORE(p)      _mm256_storeu_si256((__m256i *) (p), cv)
+#define KVQ_DECODE_Q8_0   d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); cv = _mm256_loadu_si256((const __m256i *) b->qs);
+#define KVQ_DECODE_Q4_0   d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); cv = _mm256_sub_epi8(kvq_nibbles_avx2(b->qs), _mm256_set1_epi8(8));
+#define KVQ_DECODE_Q4_1   d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); m = GGML_CPU_FP16_TO_FP32(b->m); cv = kvq_nibbles_avx2(b->qs);
+#define KVQ_DECODE_Q5_0   d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); \
+    cv = _mm256_sub_epi8(_mm256_or_si256(kvq_nibbles_avx2(b->qs), _mm256_and_si256(kvq_bits_avx2(b->qh), _mm256_set1_epi8(0x10))), \
+                         _mm256_set1_epi8(16));
+#define KVQ_DECODE_Q5_1   d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); m = GGML_CPU_FP16_TO_FP32(b->m); \
+    cv = _mm256_or_si256(kvq_nibbles_avx2(b->qs), _mm256_and_si256(kvq_bits_avx2(b->qh), _mm256_set1_epi8(0x10)));
+#define KVQ_DECODE_IQ4_NL d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); \
+    cv = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) kvalues_iq4nl)), kvq_nibbles_avx2(b->qs));
+#define KVQ_DECODE_Q3_KV  d0 = GGML_CPU_FP16_TO_FP32(b->d[0]); d1 = GGML_CPU_FP16_TO_FP32(b->d[1]); \
+    cv = _mm256_sub_epi8(_mm256_or_si256(kvq_codes2_avx2(b->qs), kvq_high4_avx2(b->qh)), _mm256_set1_epi8(4));
+#define KVQ_DECODE_Q2_KV  d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d); m = GGML_CPU_FP16_TO_FP32(b->m); cv = kvq_codes2_avx2(b->qs);
 
-// 8 values (part k of a block) of nc rows into nh accumulators; HAS_M: dm = (d, m) per row, w per head
-// and row; else dw = w*d per head and row
+// 8 values (part k of a block) of nc rows into nh accumulators; has_m: dm = (d, m) per row, dw = w per
+// head and row; else dw = w*d per head and row
 static inline __attribute__((always_inline)) void kvq_rows_part(const int nh, const int has_m, float * const * GGML_RESTRICT y,
         const int off, const int8_t * GGML_RESTRICT codes, const int nc, const float * GGML_RESTRICT dw, const float * GGML_RESTRICT dm) {
-    __m256 acc[KVQ_HEADS_MAX];
+    __m256 acc[8];
 #pragma GCC unroll 8
     for (int h = 0; h < nh; ++h) {
         acc[h] = _mm256_loadu_ps(y[h] + off);
@@ -344,7 +353,7 @@ static inline __attribute__((always_inline)) void kvq_rows_part(const int nh, co
         }
 #pragma GCC unroll 8
         for (int h = 0; h < nh; ++h) {
-            acc[h] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(dw + h*KVQ_ROWS_MAX + c), acc[h]);
+            acc[h] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(dw + h*32 + c), acc[h]);
         }
     }
 #pragma GCC unroll 8
@@ -353,103 +362,24 @@ static inline __attribute__((always_inline)) void kvq_rows_part(const int nh, co
     }
 }
 
-// the four 8-value parts of one block (dw0/dm0: the first half's, dw1/dm1 the second's), the head count
-// a constant in each case (registers, unrolled)
-static inline void kvq_rows_block(const int nh, const int has_m, float * const * GGML_RESTRICT y, const int off,
-        const int8_t * GGML_RESTRICT codes, const int nc, const float * GGML_RESTRICT dw0, const float * GGML_RESTRICT dw1,
-        const float * GGML_RESTRICT dm) {
-#define KVQ_ROWS_NH(N) \
-    case N: for (int k = 0; k < 4; ++k) kvq_rows_part(N, has_m, y, off + 8*k, codes + 8*k, nc, k < 2 ? dw0 : dw1, dm); break;
-    switch (nh) {
-        KVQ_ROWS_NH(1) KVQ_ROWS_NH(2) KVQ_ROWS_NH(3) KVQ_ROWS_NH(4)
-        KVQ_ROWS_NH(5) KVQ_ROWS_NH(6) KVQ_ROWS_NH(7) KVQ_ROWS_NH(8)
-        default: GGML_ABORT("kvq rows: %d heads", nh);
-    }
-#undef KVQ_ROWS_NH
-}
+// the K side: Q's codes are -127..127 as quantize_row_q8_0 writes them (the sign trick, as in ggml's
+// own q8_0 dot products, needs it); byte pairs into 16 and 32 bits (exact integer sums of each 4
+// products), one fma per block and head with the product of the scales (q3_kv: one per half)
+typedef __m256 kvq_dot_acc;
+static inline kvq_dot_acc kvq_dot_acc_zero(void) { return _mm256_setzero_ps(); }
 
-// one block of the 32-value-block types: codes as signed bytes (the offset of a symmetric type applied),
-// the scale of each half (HALVES: two), the minimum (HAS_M)
-#define KVQ_ROWS_FN(NAME, BLOCK, HAS_M, HALVES, DECODE)                                                               \
-static void kvq_rows_##NAME(int n, int nh, int nc, float * const * GGML_RESTRICT y, const char * GGML_RESTRICT vx,     \
-                            size_t stride, const float * GGML_RESTRICT w, int ws) {                                   \
-    int8_t codes[KVQ_ROWS_MAX*32];                                                                                    \
-    float dw0[KVQ_HEADS_MAX*KVQ_ROWS_MAX], dw1[KVQ_HEADS_MAX*KVQ_ROWS_MAX], dm[2*KVQ_ROWS_MAX];                       \
-    if (HAS_M) { /* the weights as they are; the rows' (d, m) per block */                                            \
-        for (int h = 0; h < nh; ++h) {                                                                                \
-            memcpy(dw0 + h*KVQ_ROWS_MAX, w + h*ws, nc*sizeof(float));                                                 \
-        }                                                                                                             \
-    }                                                                                                                 \
-    for (int i = 0; i < n/32; ++i) {                                                                                  \
-        for (int c = 0; c < nc; ++c) {                                                                                \
-            const BLOCK * GGML_RESTRICT b = (const BLOCK *) (vx + c*stride) + i;                                       \
-            float d0, d1 = 0.0f, m = 0.0f;                                                                             \
-            __m256i cv;                                                                                               \
-            DECODE                                                                                                    \
-            (void) d1;                                                                                                \
-            _mm256_storeu_si256((__m256i *) (codes + 32*c), cv);                                                      \
-            if (HAS_M) {                                                                                              \
-                dm[2*c] = d0;                                                                                         \
-                dm[2*c + 1] = m;                                                                                      \
-            } else {                                                                                                  \
-                for (int h = 0; h < nh; ++h) {                                                                        \
-                    dw0[h*KVQ_ROWS_MAX + c] = w[h*ws + c]*d0;                                                         \
-                    if (HALVES) dw1[h*KVQ_ROWS_MAX + c] = w[h*ws + c]*d1;                                             \
-                }                                                                                                     \
-            }                                                                                                         \
-        }                                                                                                             \
-        kvq_rows_block(nh, HAS_M, y, 32*i, codes, nc, dw0, HALVES ? dw1 : dw0, dm);                                   \
-    }                                                                                                                 \
-}
-
-KVQ_ROWS_FN(q8_0, block_q8_0, 0, 0,
-    d0 = GGML_CPU_FP16_TO_FP32(b->d);
-    cv = _mm256_loadu_si256((const __m256i *) b->qs);)
-KVQ_ROWS_FN(q4_0, block_q4_0, 0, 0,
-    d0 = GGML_CPU_FP16_TO_FP32(b->d);
-    cv = _mm256_sub_epi8(kvq_nibbles_avx2(b->qs), _mm256_set1_epi8(8));)
-KVQ_ROWS_FN(q4_1, block_q4_1, 1, 0,
-    d0 = GGML_CPU_FP16_TO_FP32(b->d);
-    m  = GGML_CPU_FP16_TO_FP32(b->m);
-    cv = kvq_nibbles_avx2(b->qs);)
-KVQ_ROWS_FN(q5_0, block_q5_0, 0, 0,
-    d0 = GGML_CPU_FP16_TO_FP32(b->d);
-    cv = _mm256_sub_epi8(_mm256_or_si256(kvq_nibbles_avx2(b->qs), _mm256_and_si256(kvq_bits_avx2(b->qh), _mm256_set1_epi8(0x10))),
-                         _mm256_set1_epi8(16));)
-KVQ_ROWS_FN(q5_1, block_q5_1, 1, 0,
-    d0 = GGML_CPU_FP16_TO_FP32(b->d);
-    m  = GGML_CPU_FP16_TO_FP32(b->m);
-    cv = _mm256_or_si256(kvq_nibbles_avx2(b->qs), _mm256_and_si256(kvq_bits_avx2(b->qh), _mm256_set1_epi8(0x10)));)
-KVQ_ROWS_FN(iq4_nl, block_iq4_nl, 0, 0,
-    d0 = GGML_CPU_FP16_TO_FP32(b->d);
-    cv = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) kvalues_iq4nl)), kvq_nibbles_avx2(b->qs));)
-KVQ_ROWS_FN(q3_kv, block_q3_kv, 0, 1,
-    d0 = GGML_CPU_FP16_TO_FP32(b->d[0]);
-    d1 = GGML_CPU_FP16_TO_FP32(b->d[1]);
-    cv = _mm256_sub_epi8(_mm256_or_si256(kvq_codes2_avx2(b->qs), kvq_high4_avx2(b->qh)), _mm256_set1_epi8(4));)
-KVQ_ROWS_FN(q2_kv, block_q2_kv, 1, 0,
-    d0 = GGML_CPU_FP16_TO_FP32(b->d);
-    m  = GGML_CPU_FP16_TO_FP32(b->m);
-    cv = kvq_codes2_avx2(b->qs);)
-#undef KVQ_ROWS_FN
-
-// The grouped decode kernel's K side: one K row against the nh <= 8 Q heads that share it, Q in q8_0
-// blocks (the vec_dot type of q8_0, q4_0, q5_0, iq4_nl and q3_kv). The row's codes are decoded once per
-// block (signed bytes, as above) and their absolute values taken once; per head the sign trick, byte
-// pairs into 16 and 32 bits (exact integer sums of each 4 products), and one fma per block with the
-// product of the scales (q3_kv: one per half). s[h*ss] receives head h's score. Q's codes are -127..127
-// as quantize_row_q8_0 writes them (the sign trick, as in ggml's own q8_0 dot products, needs it).
-static inline float kvq_hsum8(const __m256 v) {
+static inline float kvq_dot_acc_sum(const kvq_dot_acc v) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
     return _mm_cvtss_f32(r);
 }
 
-static inline __attribute__((always_inline)) void kvq_dot_heads_block(const int nh, __m256 * GGML_RESTRICT acc, const __m256i kx,
-        const float dk0, const float dk1, const char * GGML_RESTRICT q, const size_t qrow, const int i) {
-    const __m256i ax   = _mm256_sign_epi8(kx, kx);
-    const __m256i one  = _mm256_set1_epi16(1);
+static inline __attribute__((always_inline)) void kvq_dot_heads_block(const int nh, kvq_dot_acc * GGML_RESTRICT acc,
+        const int8_t * GGML_RESTRICT codes, const float dk0, const float dk1, const char * GGML_RESTRICT q, const size_t qrow, const int i) {
+    const __m256i kx  = _mm256_loadu_si256((const __m256i *) codes);
+    const __m256i ax  = _mm256_sign_epi8(kx, kx);
+    const __m256i one = _mm256_set1_epi16(1);
 #pragma GCC unroll 8
     for (int h = 0; h < nh; ++h) {
         const block_q8_0 * GGML_RESTRICT qb = (const block_q8_0 *) (q + h*qrow) + i;
@@ -460,67 +390,14 @@ static inline __attribute__((always_inline)) void kvq_dot_heads_block(const int 
         acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc[h]);
     }
 }
-
-#define KVQ_DOT_HEADS_FN(NAME, BLOCK, QK, DECODE)                                                                     \
-static inline __attribute__((always_inline)) void kvq_dot_heads_##NAME##_n(const int nh, int n, float * GGML_RESTRICT s,\
-        size_t ss, const void * GGML_RESTRICT vk, const char * GGML_RESTRICT q, size_t qrow) {                           \
-    __m256 acc[KVQ_HEADS_MAX];                                                                                        \
-    for (int h = 0; h < nh; ++h) {                                                                                    \
-        acc[h] = _mm256_setzero_ps();                                                                                 \
-    }                                                                                                                 \
-    for (int i = 0; i < n/QK; ++i) {                                                                                  \
-        const BLOCK * GGML_RESTRICT b = (const BLOCK *) vk + i;                                                       \
-        float d0, d1;                                                                                                 \
-        __m256i cv;                                                                                                   \
-        DECODE                                                                                                        \
-        kvq_dot_heads_block(nh, acc, cv, d0, d1, q, qrow, i);                                                         \
-    }                                                                                                                 \
-    for (int h = 0; h < nh; ++h) {                                                                                    \
-        s[h*ss] = kvq_hsum8(acc[h]);                                                                                  \
-    }                                                                                                                 \
-}                                                                                                                     \
-static void kvq_dot_heads_##NAME(int n, int nh, float * GGML_RESTRICT s, size_t ss, const void * GGML_RESTRICT vk,     \
-                                 const char * GGML_RESTRICT q, size_t qrow) {                                         \
-    switch (nh) {                                                                                                     \
-        case 1: kvq_dot_heads_##NAME##_n(1, n, s, ss, vk, q, qrow); break;                                            \
-        case 2: kvq_dot_heads_##NAME##_n(2, n, s, ss, vk, q, qrow); break;                                            \
-        case 3: kvq_dot_heads_##NAME##_n(3, n, s, ss, vk, q, qrow); break;                                            \
-        case 4: kvq_dot_heads_##NAME##_n(4, n, s, ss, vk, q, qrow); break;                                            \
-        case 5: kvq_dot_heads_##NAME##_n(5, n, s, ss, vk, q, qrow); break;                                            \
-        case 6: kvq_dot_heads_##NAME##_n(6, n, s, ss, vk, q, qrow); break;                                            \
-        case 7: kvq_dot_heads_##NAME##_n(7, n, s, ss, vk, q, qrow); break;                                            \
-        case 8: kvq_dot_heads_##NAME##_n(8, n, s, ss, vk, q, qrow); break;                                            \
-        default: GGML_ABORT("kvq dot heads: %d heads", nh);                                                           \
-    }                                                                                                                 \
-}
-
-KVQ_DOT_HEADS_FN(q8_0, block_q8_0, QK8_0,
-    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d);
-    cv = _mm256_loadu_si256((const __m256i *) b->qs);)
-KVQ_DOT_HEADS_FN(q4_0, block_q4_0, QK4_0,
-    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d);
-    cv = _mm256_sub_epi8(kvq_nibbles_avx2(b->qs), _mm256_set1_epi8(8));)
-KVQ_DOT_HEADS_FN(q5_0, block_q5_0, QK5_0,
-    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d);
-    cv = _mm256_sub_epi8(_mm256_or_si256(kvq_nibbles_avx2(b->qs), _mm256_and_si256(kvq_bits_avx2(b->qh), _mm256_set1_epi8(0x10))),
-                         _mm256_set1_epi8(16));)
-KVQ_DOT_HEADS_FN(iq4_nl, block_iq4_nl, QK4_NL,
-    d0 = d1 = GGML_CPU_FP16_TO_FP32(b->d);
-    cv = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) kvalues_iq4nl)), kvq_nibbles_avx2(b->qs));)
-KVQ_DOT_HEADS_FN(q3_kv, block_q3_kv, QK3_KV,
-    d0 = GGML_CPU_FP16_TO_FP32(b->d[0]);
-    d1 = GGML_CPU_FP16_TO_FP32(b->d[1]);
-    cv = _mm256_sub_epi8(_mm256_or_si256(kvq_codes2_avx2(b->qs), kvq_high4_avx2(b->qh)), _mm256_set1_epi8(4));)
-#undef KVQ_DOT_HEADS_FN
 #endif
 
-#if KVQ_NEON && !(KVQ_AVX2)
-// The grouped decode kernel's K and V sides (above) for aarch64 NEON: the same decode of a block's codes
-// to signed bytes (elements 0-15 in lo, 16-31 in hi) and the same float operations per element (V:
-// fma(code, w*d, y), or fma(fma(code, d, m), w, y) for types with a minimum, in row order; K: exact
-// integer sums per half block, then the scales).
-#define KVQ_ROWS_MAX  32
-#define KVQ_HEADS_MAX 8
+#if KVQ_NEON
+// The grouped decode kernel's NEON pieces: the same decode of a block's codes (elements 0-15 in lo,
+// 16-31 in hi) and the same float operations per element as the AVX2 ones above.
+#define KVQ_GROUP 1
+#define KVQ_CODES_DECL          int8x16_t lo, hi;
+#define KVQ_CODES_STORE(p)      (vst1q_s8((p), lo), vst1q_s8((p) + 16, hi))
 
 // bit e of the 32 bits at qh (little endian: byte s holds elements 8s..8s+7) as bytes of v or 0
 static inline void kvq_highbits_neon(const uint8_t * GGML_RESTRICT qh, const uint8_t v, uint8x16_t * lo, uint8x16_t * hi) {
@@ -562,9 +439,9 @@ static inline void kvq_nibbles_neon(const uint8_t * GGML_RESTRICT qs, uint8x16_t
     lo = vreinterpretq_s8_u8(l); hi = vreinterpretq_s8_u8(h); }
 
 // 8 values (part k of a block) of nc rows into nh accumulators (two float32x4 per head)
-static inline __attribute__((always_inline)) void kvq_rows_part_neon(const int nh, const int has_m, float * const * GGML_RESTRICT y,
+static inline __attribute__((always_inline)) void kvq_rows_part(const int nh, const int has_m, float * const * GGML_RESTRICT y,
         const int off, const int8_t * GGML_RESTRICT codes, const int nc, const float * GGML_RESTRICT dw, const float * GGML_RESTRICT dm) {
-    float32x4_t a0[KVQ_HEADS_MAX], a1[KVQ_HEADS_MAX];
+    float32x4_t a0[8], a1[8];
     for (int h = 0; h < nh; ++h) {
         a0[h] = vld1q_f32(y[h] + off);
         a1[h] = vld1q_f32(y[h] + off + 4);
@@ -578,7 +455,7 @@ static inline __attribute__((always_inline)) void kvq_rows_part_neon(const int n
             f1 = vfmaq_n_f32(vdupq_n_f32(dm[2*c + 1]), f1, dm[2*c]);
         }
         for (int h = 0; h < nh; ++h) {
-            const float wv = dw[h*KVQ_ROWS_MAX + c];
+            const float wv = dw[h*32 + c];
             a0[h] = vfmaq_n_f32(a0[h], f0, wv);
             a1[h] = vfmaq_n_f32(a1[h], f1, wv);
         }
@@ -589,11 +466,48 @@ static inline __attribute__((always_inline)) void kvq_rows_part_neon(const int n
     }
 }
 
-static inline void kvq_rows_block_neon(const int nh, const int has_m, float * const * GGML_RESTRICT y, const int off,
+// the K side: exact integer sums per half block (sdot with the dotprod extension), then the scales
+typedef float kvq_dot_acc;
+static inline kvq_dot_acc kvq_dot_acc_zero(void) { return 0.0f; }
+static inline float kvq_dot_acc_sum(const kvq_dot_acc v) { return v; }
+
+static inline __attribute__((always_inline)) void kvq_dot_heads_block(const int nh, kvq_dot_acc * GGML_RESTRICT acc,
+        const int8_t * GGML_RESTRICT codes, const float dk0, const float dk1, const char * GGML_RESTRICT q, const size_t qrow, const int i) {
+    const int8x16_t lo = vld1q_s8(codes), hi = vld1q_s8(codes + 16);
+    for (int h = 0; h < nh; ++h) {
+        const block_q8_0 * GGML_RESTRICT qb = (const block_q8_0 *) (q + h*qrow) + i;
+        const int s0 = kvq_dot16_neon(lo, vld1q_s8(qb->qs));
+        const int s1 = kvq_dot16_neon(hi, vld1q_s8(qb->qs + 16));
+        const float dq = GGML_CPU_FP16_TO_FP32(qb->d);
+        acc[h] += (dk0*dq)*(float) s0 + (dk1*dq)*(float) s1;
+    }
+}
+#endif // KVQ_NEON
+#ifndef KVQ_GROUP
+#define KVQ_GROUP 0 // neither: the stock kernels
+#endif
+
+#if KVQ_GROUP
+// The grouped decode kernel's drivers. V side: a chunk of nc <= 32 V rows into nh <= 8 Q heads'
+// accumulators, y[h][0..n) += sum_c w[h*ws + c] * dequantize(row c). Per 32-value block the rows' codes
+// go to a small buffer once, then per 8 values every head's accumulator stays in registers over the nc
+// rows: a row is dequantized once for all heads and an accumulator is loaded and stored once per chunk
+// instead of once per row. Symmetric types fold the block scale into the weight (fma(code, w*d, y):
+// code*d is exact in float, so this is one rounding more than the one-row kernel's, of the same size);
+// types with a minimum make the value as the one-row kernel does (fma(code, d, m), exactly its rounded
+// sum) and then fma(value, w, y). Another rounding order than the one-row kernel, not its bits.
+// K side: one K row against the nh <= 8 Q heads that share it, Q in q8_0 blocks (the vec_dot type of
+// q8_0, q4_0, q5_0, iq4_nl and q3_kv), the row's codes decoded once per block for all heads.
+#define KVQ_ROWS_MAX  32
+#define KVQ_HEADS_MAX 8
+
+// the four 8-value parts of one block (dw0: the first half's weights, dw1 the second's), the head count
+// a constant in each case (registers, unrolled)
+static inline void kvq_rows_block(const int nh, const int has_m, float * const * GGML_RESTRICT y, const int off,
         const int8_t * GGML_RESTRICT codes, const int nc, const float * GGML_RESTRICT dw0, const float * GGML_RESTRICT dw1,
         const float * GGML_RESTRICT dm) {
 #define KVQ_ROWS_NH(N) \
-    case N: for (int k = 0; k < 4; ++k) kvq_rows_part_neon(N, has_m, y, off + 8*k, codes + 8*k, nc, k < 2 ? dw0 : dw1, dm); break;
+    case N: for (int k = 0; k < 4; ++k) kvq_rows_part(N, has_m, y, off + 8*k, codes + 8*k, nc, k < 2 ? dw0 : dw1, dm); break;
     switch (nh) {
         KVQ_ROWS_NH(1) KVQ_ROWS_NH(2) KVQ_ROWS_NH(3) KVQ_ROWS_NH(4)
         KVQ_ROWS_NH(5) KVQ_ROWS_NH(6) KVQ_ROWS_NH(7) KVQ_ROWS_NH(8)
@@ -607,7 +521,7 @@ static void kvq_rows_##NAME(int n, int nh, int nc, float * const * GGML_RESTRICT
                             size_t stride, const float * GGML_RESTRICT w, int ws) {                                   \
     int8_t codes[KVQ_ROWS_MAX*32];                                                                                    \
     float dw0[KVQ_HEADS_MAX*KVQ_ROWS_MAX], dw1[KVQ_HEADS_MAX*KVQ_ROWS_MAX], dm[2*KVQ_ROWS_MAX];                       \
-    if (HAS_M) {                                                                                                      \
+    if (HAS_M) { /* the weights as they are; the rows' (d, m) per block */                                            \
         for (int h = 0; h < nh; ++h) {                                                                                \
             memcpy(dw0 + h*KVQ_ROWS_MAX, w + h*ws, nc*sizeof(float));                                                 \
         }                                                                                                             \
@@ -616,11 +530,10 @@ static void kvq_rows_##NAME(int n, int nh, int nc, float * const * GGML_RESTRICT
         for (int c = 0; c < nc; ++c) {                                                                                \
             const BLOCK * GGML_RESTRICT b = (const BLOCK *) (vx + c*stride) + i;                                       \
             float d0, d1, m = 0.0f;                                                                                    \
-            int8x16_t lo, hi;                                                                                         \
+            KVQ_CODES_DECL                                                                                            \
             DECODE                                                                                                    \
             (void) d1; (void) m;                                                                                      \
-            vst1q_s8(codes + 32*c, lo);                                                                               \
-            vst1q_s8(codes + 32*c + 16, hi);                                                                          \
+            KVQ_CODES_STORE(codes + 32*c);                                                                            \
             if (HAS_M) {                                                                                              \
                 dm[2*c] = d0;                                                                                         \
                 dm[2*c + 1] = m;                                                                                      \
@@ -631,7 +544,7 @@ static void kvq_rows_##NAME(int n, int nh, int nc, float * const * GGML_RESTRICT
                 }                                                                                                     \
             }                                                                                                         \
         }                                                                                                             \
-        kvq_rows_block_neon(nh, HAS_M, y, 32*i, codes, nc, dw0, HALVES ? dw1 : dw0, dm);                              \
+        kvq_rows_block(nh, HAS_M, y, 32*i, codes, nc, dw0, HALVES ? dw1 : dw0, dm);                                   \
     }                                                                                                                 \
 }
 
@@ -645,26 +558,40 @@ KVQ_ROWS_FN(q3_kv,  block_q3_kv,  0, 1, KVQ_DECODE_Q3_KV)
 KVQ_ROWS_FN(q2_kv,  block_q2_kv,  1, 0, KVQ_DECODE_Q2_KV)
 #undef KVQ_ROWS_FN
 
+// s[h*ss] = K . Q[h] for one K row of n values
 #define KVQ_DOT_HEADS_FN(NAME, BLOCK, DECODE)                                                                         \
-static void kvq_dot_heads_##NAME(int n, int nh, float * GGML_RESTRICT s, size_t ss, const void * GGML_RESTRICT vk,     \
-                                 const char * GGML_RESTRICT q, size_t qrow) {                                         \
-    float acc[KVQ_HEADS_MAX] = {0};                                                                                   \
+static inline __attribute__((always_inline)) void kvq_dot_heads_##NAME##_n(const int nh, int n, float * GGML_RESTRICT s,\
+        size_t ss, const void * GGML_RESTRICT vk, const char * GGML_RESTRICT q, size_t qrow) {                           \
+    kvq_dot_acc acc[KVQ_HEADS_MAX];                                                                                   \
+    for (int h = 0; h < nh; ++h) {                                                                                    \
+        acc[h] = kvq_dot_acc_zero();                                                                                  \
+    }                                                                                                                 \
     for (int i = 0; i < n/32; ++i) {                                                                                  \
         const BLOCK * GGML_RESTRICT b = (const BLOCK *) vk + i;                                                       \
         float d0, d1, m = 0.0f;                                                                                        \
-        int8x16_t lo, hi;                                                                                             \
+        int8_t codes[32];                                                                                             \
+        KVQ_CODES_DECL                                                                                                \
         DECODE                                                                                                        \
         (void) m;                                                                                                     \
-        for (int h = 0; h < nh; ++h) {                                                                                \
-            const block_q8_0 * GGML_RESTRICT qb = (const block_q8_0 *) (q + h*qrow) + i;                              \
-            const int s0 = kvq_dot16_neon(lo, vld1q_s8(qb->qs));                                                      \
-            const int s1 = kvq_dot16_neon(hi, vld1q_s8(qb->qs + 16));                                                 \
-            const float dq = GGML_CPU_FP16_TO_FP32(qb->d);                                                            \
-            acc[h] += (d0*dq)*(float) s0 + (d1*dq)*(float) s1;                                                        \
-        }                                                                                                             \
+        KVQ_CODES_STORE(codes);                                                                                       \
+        kvq_dot_heads_block(nh, acc, codes, d0, d1, q, qrow, i);                                                      \
     }                                                                                                                 \
     for (int h = 0; h < nh; ++h) {                                                                                    \
-        s[h*ss] = acc[h];                                                                                             \
+        s[h*ss] = kvq_dot_acc_sum(acc[h]);                                                                            \
+    }                                                                                                                 \
+}                                                                                                                     \
+static void kvq_dot_heads_##NAME(int n, int nh, float * GGML_RESTRICT s, size_t ss, const void * GGML_RESTRICT vk,     \
+                                 const char * GGML_RESTRICT q, size_t qrow) {                                         \
+    switch (nh) {                                                                                                     \
+        case 1: kvq_dot_heads_##NAME##_n(1, n, s, ss, vk, q, qrow); break;                                            \
+        case 2: kvq_dot_heads_##NAME##_n(2, n, s, ss, vk, q, qrow); break;                                            \
+        case 3: kvq_dot_heads_##NAME##_n(3, n, s, ss, vk, q, qrow); break;                                            \
+        case 4: kvq_dot_heads_##NAME##_n(4, n, s, ss, vk, q, qrow); break;                                            \
+        case 5: kvq_dot_heads_##NAME##_n(5, n, s, ss, vk, q, qrow); break;                                            \
+        case 6: kvq_dot_heads_##NAME##_n(6, n, s, ss, vk, q, qrow); break;                                            \
+        case 7: kvq_dot_heads_##NAME##_n(7, n, s, ss, vk, q, qrow); break;                                            \
+        case 8: kvq_dot_heads_##NAME##_n(8, n, s, ss, vk, q, qrow); break;                                            \
+        default: GGML_ABORT("kvq dot heads: %d heads", nh);                                                           \
     }                                                                                                                 \
 }
 
@@ -674,7 +601,7 @@ KVQ_DOT_HEADS_FN(q5_0,   block_q5_0,   KVQ_DECODE_Q5_0)
 KVQ_DOT_HEADS_FN(iq4_nl, block_iq4_nl, KVQ_DECODE_IQ4_NL)
 KVQ_DOT_HEADS_FN(q3_kv,  block_q3_kv,  KVQ_DECODE_Q3_KV)
 #undef KVQ_DOT_HEADS_FN
-#endif // KVQ_NEON
+#endif // KVQ_GROUP
 
 // KVTUNER_CPU_KV_SIMD=0: the stock paths (for comparisons)
 static int kvq_simd_enabled(void) {
@@ -710,7 +637,7 @@ ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
 }
 
 ggml_kvq_mad_rows_t ggml_kvq_get_mad_rows(enum ggml_type type, int64_t n) {
-#if (KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)) || (KVQ_NEON && !(KVQ_AVX2))
+#if KVQ_GROUP
     if (!kvq_simd_enabled() || n % 32 != 0) {
         return NULL;
     }
@@ -733,7 +660,7 @@ ggml_kvq_mad_rows_t ggml_kvq_get_mad_rows(enum ggml_type type, int64_t n) {
 }
 
 ggml_kvq_dot_heads_t ggml_kvq_get_dot_heads(enum ggml_type type, int64_t n) {
-#if (KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)) || (KVQ_NEON && !(KVQ_AVX2))
+#if KVQ_GROUP
     if (!kvq_simd_enabled() || n % 32 != 0) {
         return NULL;
     }
