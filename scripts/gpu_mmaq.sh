@@ -10,6 +10,8 @@
 #           vector kernel of patch 0006) in the same build; PERF_VARIANTS="5 ..." adds a measuring build's
 #           other configurations (KVTUNER_CUDA_FA_MMAQ_VARIANT), each against the default.
 #   profile: scripts/gpu_decode_profile.py: kernels and time per decode step, f16 vs quantized caches.
+#   small:  the small-batch cases (2-16 tokens per sequence) CUDA vs CPU, then their perf with the kernel and
+#           without it (llama.cpp's MMA kernel on an f16 copy of K/V) at the Llama-3-8B layer, 1 and 16 sequences.
 #   py SCRIPT ARGS: a script of the working tree in the same environment, the tuned 8B file as $MODEL.
 #   bench:  `kvtuner-edge bench` on a random-weight Llama-3-8B-shaped GGUF with KVTuner's 3.25-bit mix
 #           (f16, q8_0, q4_0 in the same run), 1/16/32/64 sequences x depth 4096/8192 and at a 16 GiB
@@ -65,6 +67,24 @@ if [ "$STAGE" = kernel ]; then
     echo "perf (KVTUNER_CUDA_FA_MMAQ_VARIANT=$v) rc=$?; 'off' columns: variant $v" | tee -a "$OUT/summary.txt"
     python3 scripts/mmaq_perf_table.py "$OUT/tbo_perf_mmaq1.log" "$OUT/tbo_perf_variant$v.log" --json "$OUT/perf_variant$v.json" | tee -a "$OUT/summary.txt"
   done
+  exit 0
+fi
+
+if [ "$STAGE" = small ]; then
+  # small batches (2-16 tokens per sequence): our cases CUDA vs CPU, then perf at the Llama-3-8B layer with the
+  # kernel and without it (the f16 copy of K/V and llama.cpp's MMA kernel) in the same build
+  TBO=.carry/test-backend-ops
+  t0=$(date +%s)
+  timeout 300 "$TBO" -o FLASH_ATTN_EXT -b CUDA0 -p "nr23=\[[2-8],2\],kv=512,nb=(2|3|5|8|16)," > "$OUT/tbo_eval_small.log" 2>&1
+  echo "test-backend-ops FLASH_ATTN_EXT small batches rc=$?: $(grep -E 'tests passed' "$OUT/tbo_eval_small.log" | tail -n 1 | tr -s ' '), $(grep -c 'FAIL' "$OUT/tbo_eval_small.log") FAIL in $(( $(date +%s) - t0 )) s" | tee "$OUT/summary.txt"
+  grep FAIL "$OUT/tbo_eval_small.log" | head -n 8
+  PF=${PERF_FILTER:-"nh=8,nr23=\[4,(1|16)\],kv=4096,nb=(1|2|4|8|16),"}
+  for mmaq in ${PERF_MMAQ:-1 0}; do
+    KVTUNER_CUDA_FA_MMAQ=$mmaq timeout "${PERF_TIMEOUT:-200}" stdbuf -oL "$TBO" perf -o FLASH_ATTN_EXT -b CUDA0 -p "$PF" \
+        > "$OUT/tbo_perf_small_mmaq$mmaq.log" 2>&1
+    echo "perf (KVTUNER_CUDA_FA_MMAQ=$mmaq) rc=$?" | tee -a "$OUT/summary.txt"
+  done
+  python3 scripts/mmaq_perf_table.py "$OUT/tbo_perf_small_mmaq1.log" $(ls "$OUT/tbo_perf_small_mmaq0.log" 2>/dev/null) --json "$OUT/perf_small.json" | tee -a "$OUT/summary.txt"
   exit 0
 fi
 

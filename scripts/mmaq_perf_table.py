@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Table of test-backend-ops perf runs of FLASH_ATTN_EXT decode (scripts/gpu_mmaq.sh kernel): time per
-layer, KV bytes read per second and the ratio to f16 at the same shape, for one or two logs (our kernel,
-then the same build with it off).
+"""Table of test-backend-ops perf runs of FLASH_ATTN_EXT decode and small batches (scripts/gpu_mmaq.sh
+kernel / small): time per layer, KV bytes read per second and the ratio to f16 at the same shape (tokens per
+sequence: `tok`), for one or two logs (our kernel, then the same build with it off).
     python scripts/mmaq_perf_table.py perf_on.log [perf_off.log] [--json out.json]
 """
 from __future__ import annotations
@@ -49,17 +49,18 @@ def main() -> int:
         print("no FLASH_ATTN_EXT perf lines found", file=sys.stderr)
         return 1
     rows = []
-    hdr = f"{'K/V':<12} {'seqs':>4} {'kv':>5} {'us':>9} {'TB/s':>6} {'x f16':>6}"
+    hdr = f"{'K/V':<12} {'seqs':>4} {'tok':>3} {'kv':>5} {'us':>9} {'TB/s':>6} {'x f16':>6}"
     if len(runs) > 1:
         hdr += f" {'us off':>9} {'x off':>6}"
     print(hdr)
-    for key in sorted(runs[0], key=lambda k: (k[3], k[4], k[6] != "f16", k[6], k[7])):
+    for key in sorted(runs[0], key=lambda k: (k[3], k[5], k[4], k[6] != "f16", k[6], k[7])):
         us = runs[0][key]
         f16 = runs[0].get(key[:6] + ("f16", "f16"))
-        row = {"type_k": key[6], "type_v": key[7], "seqs": key[3], "kv": key[4], "gqa": key[2], "head_size": key[0],
+        row = {"type_k": key[6], "type_v": key[7], "seqs": key[3], "tokens": key[5], "kv": key[4], "gqa": key[2],
+               "head_size": key[0],
                "us": us, "tb_s": kv_bytes(key) / us / 1e6, "vs_f16": (f16 / us) if f16 else None}
         ratio = f"{row['vs_f16']:.2f}" if f16 else "-"
-        line = f"{key[6] + '/' + key[7]:<12} {key[3]:>4} {key[4]:>5} {us:>9.1f} {row['tb_s']:>6.2f} {ratio:>6}"
+        line = f"{key[6] + '/' + key[7]:<12} {key[3]:>4} {key[5]:>3} {key[4]:>5} {us:>9.1f} {row['tb_s']:>6.2f} {ratio:>6}"
         if len(runs) > 1 and key in runs[1]:
             row["us_off"] = runs[1][key]
             row["vs_off"] = runs[1][key] / us

@@ -2,7 +2,8 @@
 of the bench in one process, interleaved, several repeats in rotated order, each context built the way
 `kvtuner-edge bench` builds it (prefill the depth, share_prefix with a dummy token), then every decode
 call timed on its own (llama_decode blocks on the previous step, so call-to-call wall time is the step
-time). Prints, per repeat and cache, the prefill tokens/s, the bench's own decode figure (steps after
+time; `--step-tokens N`: N tokens per sequence and step, as a speculative step verifying a draft).
+Prints, per repeat and cache, the prefill tokens/s, the bench's own decode figure (steps after
 `--warmup`, `--gen` of them) and the steady state (median of steps 16..end; all steps when fewer), with
 ratios to f16 of the same repeat, the first steps' timeline (a warm-up effect such as CUDA graph
 capture shows as such), and the medians over repeats.
@@ -42,6 +43,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=96)
     ap.add_argument("--warmup", type=int, default=2, help="the bench's warm-up steps (its default)")
     ap.add_argument("--gen", type=int, default=32, help="the bench's timed steps (its default)")
+    ap.add_argument("--step-tokens", type=int, default=1,
+                    help="tokens per sequence and step (2-16: a speculative step verifying a draft)")
     ap.add_argument("--variant", action="append", default=[],
                     help="CONFIG/NAME:VAR=VALUE[,VAR=VALUE]: that config again with the environment set "
                          "while its context is created and runs")
@@ -57,10 +60,10 @@ def main() -> int:
         cname, _, vname = head.partition("/")
         env = dict(kv.split("=", 1) for kv in env_s.split(",") if kv)
         runs.append((by[cname], f"{cname}/{vname}", env))
-    n_ctx = B._pad(a.depth + a.steps + 8)
+    n_ctx = B._pad(a.depth + a.steps*a.step_tokens + 8)
     rng = random.Random(0)
-    res = {"model": a.model, "depth": a.depth, "seqs": a.seqs, "steps": a.steps, "warmup": a.warmup,
-           "gen": a.gen, "reps": []}
+    res = {"model": a.model, "depth": a.depth, "seqs": a.seqs, "step_tokens": a.step_tokens, "steps": a.steps,
+           "warmup": a.warmup, "gen": a.gen, "reps": []}
     with engine.BatchRunner(a.model, n_gpu_layers=999) as r:
         prompt = [rng.randrange(r.n_vocab) for _ in range(a.depth + 1)]
         toks = [rng.randrange(r.n_vocab) for _ in range(max(8, a.seqs))]
@@ -82,8 +85,9 @@ def main() -> int:
                     pos = a.depth
                     t_prev = time.perf_counter()
                     for step in range(a.steps):
-                        ctx._decode([(toks[(s + step) % len(toks)], pos, s, True) for s in range(a.seqs)])
-                        pos += 1
+                        ctx._decode([(toks[(s + step + j) % len(toks)], pos + j, s, True)
+                                     for s in range(a.seqs) for j in range(a.step_tokens)])
+                        pos += a.step_tokens
                         t = time.perf_counter()
                         times.append(t - t_prev)
                         t_prev = t
