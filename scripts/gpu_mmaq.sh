@@ -38,6 +38,24 @@ done
 export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 
+# FLASH_ATTN_EXT cases CUDA vs CPU: eval_cases LABEL FILTER LOG TIMEOUT (one summary line, the first FAILs)
+eval_cases() {
+  local t0; t0=$(date +%s)
+  timeout "$4" .carry/test-backend-ops -o FLASH_ATTN_EXT -b CUDA0 -p "$2" > "$OUT/$3" 2>&1
+  echo "test-backend-ops FLASH_ATTN_EXT $1 rc=$?: $(grep -E 'tests passed' "$OUT/$3" | tail -n 1 | tr -s ' '), $(grep -c 'FAIL' "$OUT/$3") FAIL in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
+  grep FAIL "$OUT/$3" | head -n 8
+}
+# perf of the cases matching FILTER with the kernel on and off in the same build (PERF_MMAQ), then the table:
+# perf_on_off PREFIX FILTER JSON (logs $OUT/PREFIX1.log, $OUT/PREFIX0.log)
+perf_on_off() {
+  for mmaq in ${PERF_MMAQ:-1 0}; do
+    KVTUNER_CUDA_FA_MMAQ=$mmaq timeout "${PERF_TIMEOUT:-200}" stdbuf -oL .carry/test-backend-ops perf -o FLASH_ATTN_EXT -b CUDA0 -p "$2" \
+        > "$OUT/$1$mmaq.log" 2>&1
+    echo "perf (KVTUNER_CUDA_FA_MMAQ=$mmaq) rc=$?" | tee -a "$OUT/summary.txt"
+  done
+  python3 scripts/mmaq_perf_table.py "$OUT/${1}1.log" $(ls "$OUT/${1}0.log" 2>/dev/null) --json "$OUT/$3" | tee -a "$OUT/summary.txt"
+}
+
 if [ "$STAGE" = kernel ]; then
   TBO=.carry/test-backend-ops
   # the cache writes: CUDA quantizers byte for byte against the CPU backend, then ggml's SET_ROWS cases
@@ -46,20 +64,12 @@ if [ "$STAGE" = kernel ]; then
   timeout 200 "$TBO" -o SET_ROWS -b CUDA0 > "$OUT/tbo_set_rows.log" 2>&1
   echo "test-backend-ops SET_ROWS rc=$?: $(grep -E 'tests passed' "$OUT/tbo_set_rows.log" | tail -n 1 | tr -s ' ')" | tee -a "$OUT/summary.txt"
   # correctness: every decode case (nb=1) of FLASH_ATTN_EXT, CUDA against the CPU backend
-  t0=$(date +%s)
-  timeout 400 "$TBO" -o FLASH_ATTN_EXT -b CUDA0 -p "nb=1," > "$OUT/tbo_eval.log" 2>&1
-  echo "test-backend-ops FLASH_ATTN_EXT nb=1 rc=$?: $(grep -E 'tests passed' "$OUT/tbo_eval.log" | tail -n 1 | tr -s ' '), $(grep -c 'FAIL' "$OUT/tbo_eval.log") FAIL in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
-  grep FAIL "$OUT/tbo_eval.log" | head -n 8
+  eval_cases nb=1 "nb=1," tbo_eval.log 400
   grep -E "tests passed|Backend" "$OUT/tbo_eval.log" | tail -n 3
   # speed: the same build with and without the kernel (PERF_FILTER: a regex on the case's parameters;
   # each case takes 10-20 s, most of it the CPU filling and quantizing the 64-sequence cache)
   PF=${PERF_FILTER:-"nh=8,nr23=\[4,"}
-  for mmaq in ${PERF_MMAQ:-1 0}; do
-    KVTUNER_CUDA_FA_MMAQ=$mmaq timeout "${PERF_TIMEOUT:-200}" stdbuf -oL "$TBO" perf -o FLASH_ATTN_EXT -b CUDA0 -p "$PF" \
-        > "$OUT/tbo_perf_mmaq$mmaq.log" 2>&1
-    echo "perf (KVTUNER_CUDA_FA_MMAQ=$mmaq) rc=$?" | tee -a "$OUT/summary.txt"
-  done
-  python3 scripts/mmaq_perf_table.py "$OUT/tbo_perf_mmaq1.log" $(ls "$OUT/tbo_perf_mmaq0.log" 2>/dev/null) --json "$OUT/perf.json" | tee -a "$OUT/summary.txt"
+  perf_on_off tbo_perf_mmaq "$PF" perf.json
   # other kernel configurations of a measuring build (-DFATTN_MMAQ_WITH_VARIANTS=1), each against the default
   for v in ${PERF_VARIANTS:-}; do
     KVTUNER_CUDA_FA_MMAQ_VARIANT=$v timeout "${PERF_TIMEOUT:-200}" stdbuf -oL "$TBO" perf -o FLASH_ATTN_EXT -b CUDA0 -p "$PF" \
@@ -73,18 +83,10 @@ fi
 if [ "$STAGE" = small ]; then
   # small batches (2-16 tokens per sequence): our cases CUDA vs CPU, then perf at the Llama-3-8B layer with the
   # kernel and without it (the f16 copy of K/V and llama.cpp's MMA kernel) in the same build
-  TBO=.carry/test-backend-ops
-  t0=$(date +%s)
-  timeout 300 "$TBO" -o FLASH_ATTN_EXT -b CUDA0 -p "nr23=\[[2-8],2\],kv=512,nb=(2|3|5|8|16)," > "$OUT/tbo_eval_small.log" 2>&1
-  echo "test-backend-ops FLASH_ATTN_EXT small batches rc=$?: $(grep -E 'tests passed' "$OUT/tbo_eval_small.log" | tail -n 1 | tr -s ' '), $(grep -c 'FAIL' "$OUT/tbo_eval_small.log") FAIL in $(( $(date +%s) - t0 )) s" | tee "$OUT/summary.txt"
-  grep FAIL "$OUT/tbo_eval_small.log" | head -n 8
+  : > "$OUT/summary.txt"
+  eval_cases "small batches" "nr23=\[[2-8],2\],kv=512,nb=(2|3|5|8|16)," tbo_eval_small.log 300
   PF=${PERF_FILTER:-"nh=8,nr23=\[4,(1|16)\],kv=4096,nb=(1|2|4|8|16),"}
-  for mmaq in ${PERF_MMAQ:-1 0}; do
-    KVTUNER_CUDA_FA_MMAQ=$mmaq timeout "${PERF_TIMEOUT:-200}" stdbuf -oL "$TBO" perf -o FLASH_ATTN_EXT -b CUDA0 -p "$PF" \
-        > "$OUT/tbo_perf_small_mmaq$mmaq.log" 2>&1
-    echo "perf (KVTUNER_CUDA_FA_MMAQ=$mmaq) rc=$?" | tee -a "$OUT/summary.txt"
-  done
-  python3 scripts/mmaq_perf_table.py "$OUT/tbo_perf_small_mmaq1.log" $(ls "$OUT/tbo_perf_small_mmaq0.log" 2>/dev/null) --json "$OUT/perf_small.json" | tee -a "$OUT/summary.txt"
+  perf_on_off tbo_perf_small_mmaq "$PF" perf_small.json
   exit 0
 fi
 
