@@ -18,7 +18,8 @@ def _err(msg: str) -> None:
 
 
 class _Group(click.Group):
-    """Turns our own errors into one clear line on stderr and exit status 1."""
+    """Turns our own errors, and the system's (a full disk, a file that vanished), into one clear
+    line on stderr and exit status 1; an interruption into exit status 130."""
 
     def invoke(self, ctx):
         try:
@@ -26,6 +27,13 @@ class _Group(click.Group):
         except KVTunerError as e:
             _err(f"error: {e}")
             sys.exit(1)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            _err(f"error: {where}{e.strerror or e}")
+            sys.exit(1)
+        except KeyboardInterrupt:
+            _err("interrupted")
+            sys.exit(130)
 
 
 @click.group(cls=_Group)
@@ -277,7 +285,8 @@ def inspect_cmd(file, ctx, as_json):
     click.echo(f"{r['path']}: {r['name']} ({r['arch']}), {r['n_layer']} layers, "
                f"KV heads {rle([str(x) for x in r['n_head_kv']])}, head K {r['head_k'][0]} / V {r['head_v'][0]}"
                + (f", sliding window {r['sliding_window']} on {len(r['swa_layers'])} layers" if r["swa_layers"] else ""))
-    click.echo(f"per-layer cache: {r['config']}")
+    click.echo(f"per-layer cache: {r['config']}"
+               + (f" ({' and '.join(r['missing'])} absent: f16 there, as the engine does)" if r["missing"] else ""))
     click.echo(f"bits per element: {r['bits_nominal']:.2f} nominal, {r['bits_storage']:.2f} storage; "
                f"{r['kv_bytes_per_token']:.0f} B/token (f16: {r['kv_bytes_per_token_f16']:.0f})")
     if ctx:
