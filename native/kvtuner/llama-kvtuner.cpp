@@ -196,6 +196,13 @@ static std::vector<ggml_type> parse_list(const std::string & list, const char * 
 // marks a kvtuner.type_k/v value the model loader found unusable; the message follows
 static const char KVTUNER_BAD_META = '\x01';
 
+// a GGUF value type in words, as kvtuner_edge's reader names it
+static const char * gguf_type_words(gguf_type t) {
+    static const char * names[] = { "uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "bool",
+                                    "string", "array", "uint64", "int64", "float64" };
+    return (int) t >= 0 && (size_t) t < sizeof(names) / sizeof(names[0]) ? names[t] : "value of unknown type";
+}
+
 std::string llama_kvtuner_gguf_value(const struct gguf_context * ctx, int64_t i) {
     const char * key = gguf_get_key(ctx, i);
     if (strcmp(key, "kvtuner.type_k") != 0 && strcmp(key, "kvtuner.type_v") != 0) {
@@ -203,7 +210,7 @@ std::string llama_kvtuner_gguf_value(const struct gguf_context * ctx, int64_t i)
     }
     const gguf_type t = gguf_get_kv_type(ctx, i);
     if (t != GGUF_TYPE_ARRAY || gguf_get_arr_type(ctx, i) != GGUF_TYPE_STRING) {
-        const std::string tn = t == GGUF_TYPE_ARRAY ? std::string("array of ") + gguf_type_name(gguf_get_arr_type(ctx, i)) : gguf_type_name(t);
+        const std::string tn = t == GGUF_TYPE_ARRAY ? std::string("array of ") + gguf_type_words(gguf_get_arr_type(ctx, i)) : gguf_type_words(t);
         return KVTUNER_BAD_META + fmt("%s is %s %s, not an array of cache type names", key,
                 strchr("aeiou", tn[0]) ? "an" : "a", tn.c_str());
     }
