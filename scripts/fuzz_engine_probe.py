@@ -3,7 +3,7 @@
 context, decode a few tokens and print the per-layer cache types it allocated as JSON.
 
     python scripts/fuzz_engine_probe.py FILE                    # the file's own types, or KVTUNER_KV_TYPES
-    python scripts/fuzz_engine_probe.py FILE --via-python --spec-hex 6b3d71385f30   # engine.open_model(spec=...)
+    python scripts/fuzz_engine_probe.py FILE --via-python --spec-file S.json   # engine.open_model(spec=...)
 
 This is how llama-cli and llama-server meet a file: model load, then llama_init_from_model (where
 the per-layer types are resolved and checked). Exit 0 with JSON when the context works, 1 with a
@@ -25,6 +25,10 @@ def direct(path: str) -> int:
     import llama_cpp.llama_cpp as ll
 
     llama_cpp._logger.set_verbose(False)    # llama.cpp's errors only, as the tools print them by default
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from kvtuner_edge import engine        # its log callback only (safe decoding, the error lines kept)
+
+    engine._bind()
     lib = ll._lib
     lib.llama_kvtuner_last_error.restype = ctypes.c_char_p
     lib.llama_kvtuner_layer_type.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_bool]
@@ -34,7 +38,8 @@ def direct(path: str) -> int:
     mp.n_gpu_layers = 0
     model = ll.llama_model_load_from_file(path.encode(), mp)
     if not model:
-        print(f"error: {path}: the engine could not load this model", file=sys.stderr)
+        why = engine._engine_errors()
+        print(f"error: {path}: the engine could not load this model" + (f": {why}" if why else ""), file=sys.stderr)
         return 1
     cp = ll.llama_context_default_params()
     cp.n_ctx = 64
@@ -98,12 +103,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file")
     ap.add_argument("--via-python", action="store_true", help="engine.open_model(file, spec=...) instead")
-    ap.add_argument("--spec-hex", help="the override as UTF-8 (surrogateescape) hex")
-    ap.add_argument("--spec-repr", help="the override as a Python literal (any type)")
+    ap.add_argument("--spec-file", type=Path, help='JSON {"hex": UTF-8 (surrogateescape) hex of the spec} or '
+                                                     '{"repr": a Python literal of any type}')
     a = ap.parse_args()
     if a.via_python:
-        spec = bytes.fromhex(a.spec_hex).decode("utf-8", "surrogateescape") if a.spec_hex is not None \
-            else ast.literal_eval(a.spec_repr)
+        d = json.loads(a.spec_file.read_text())
+        spec = bytes.fromhex(d["hex"]).decode("utf-8", "surrogateescape") if "hex" in d else ast.literal_eval(d["repr"])
         return via_python(a.file, spec)
     return direct(a.file)
 
