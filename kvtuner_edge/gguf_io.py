@@ -397,6 +397,7 @@ def _file_types(h: GGUFHeader, n_layer: int) -> tuple[list[str] | None, list[str
             return None, None, f"{key} has {len(v)} entries for {n_layer} layers"
         names = []
         for il, name in enumerate(v):
+            name = name.split("\0", 1)[0]    # where the engine's GGUF API (C strings) ends the name
             t = T.TYPES.get(name.lower()) if _TYPE_NAME_RE.fullmatch(name) else None
             if t is None:
                 return None, None, (f"{key}: layer {il}: {show(name)} is not a KV cache type "
