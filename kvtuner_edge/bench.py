@@ -84,8 +84,9 @@ def resolve_configs(path, specs: Sequence[str] | None, info: ModelInfo, backend:
     """The configurations to run: the file's own (when it has one), the given specs, then the
     baselines. A spec is "file", a type ("q8_0"), a pair ("q8_0/q4_0"), or a config JSON file."""
     out: list[BenchConfig] = []
-    own = CacheConfig(tuple(info.type_k), tuple(info.type_v)) if info.type_k and info.type_v else None
-    wanted = list(specs) if specs else (["file"] if own is not None else [])
+    wanted = list(specs) if specs else (["file"] if info.type_k or info.type_v or info.types_error else [])
+    own_types = info.file_types() if "file" in [s.strip() for s in wanted] else None
+    own = CacheConfig(tuple(own_types[0]), tuple(own_types[1])) if own_types else None
     for spec in wanted:
         spec = spec.strip()
         if not spec:

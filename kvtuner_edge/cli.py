@@ -17,8 +17,16 @@ def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def _safe(value, limit: int = 200) -> str:
+    """Text from a file for the terminal: control characters escaped (no escape sequences), cut at `limit`."""
+    s = str(value)
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s[:limit])
+    return s + ("..." if len(str(value)) > limit else "")
+
+
 class _Group(click.Group):
-    """Turns our own errors into one clear line on stderr and exit status 1."""
+    """Turns our own errors, and the system's (a full disk, a file that vanished), into one clear
+    line on stderr and exit status 1; an interruption into exit status 130."""
 
     def invoke(self, ctx):
         try:
@@ -26,6 +34,13 @@ class _Group(click.Group):
         except KVTunerError as e:
             _err(f"error: {e}")
             sys.exit(1)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            _err(f"error: {where}{e.strerror or e}")
+            sys.exit(1)
+        except KeyboardInterrupt:
+            _err("interrupted")
+            sys.exit(130)
 
 
 @click.group(cls=_Group)
@@ -274,16 +289,17 @@ def inspect_cmd(file, ctx, as_json):
     if as_json:
         _emit_json(r)
         return
-    click.echo(f"{r['path']}: {r['name']} ({r['arch']}), {r['n_layer']} layers, "
+    click.echo(f"{r['path']}: {_safe(r['name'])} ({_safe(r['arch'])}), {r['n_layer']} layers, "
                f"KV heads {rle([str(x) for x in r['n_head_kv']])}, head K {r['head_k'][0]} / V {r['head_v'][0]}"
                + (f", sliding window {r['sliding_window']} on {len(r['swa_layers'])} layers" if r["swa_layers"] else ""))
-    click.echo(f"per-layer cache: {r['config']}")
+    click.echo(f"per-layer cache: {r['config']}"
+               + (f" ({' and '.join(r['missing'])} absent: f16 there, as the engine does)" if r["missing"] else ""))
     click.echo(f"bits per element: {r['bits_nominal']:.2f} nominal, {r['bits_storage']:.2f} storage; "
                f"{r['kv_bytes_per_token']:.0f} B/token (f16: {r['kv_bytes_per_token_f16']:.0f})")
     if ctx:
         click.echo(f"KV cache at {ctx} tokens: {r['kv_bytes_at_ctx'] / 2**20:.2f} MiB")
     for k, v in r["kvtuner"].items():
-        click.echo(f"  {k} = {v}")
+        click.echo(f"  {_safe(k)} = {_safe(v)}")
 
 
 @main.command("eval")

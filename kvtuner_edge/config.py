@@ -14,11 +14,19 @@ if TYPE_CHECKING:
     from .gguf_io import ModelInfo
 
 
-def _get(name: str, which: str, layer: int) -> T.CacheType:
+def _get(name, which: str, layer: int) -> T.CacheType:
+    if not isinstance(name, str):
+        raise ConfigError(f"layer {layer}: the {which} cache type must be a type name, got {_show(name)}")
     try:
         return T.get(name)
     except ValueError:
-        raise ConfigError(f"layer {layer}: unknown {which} cache type {name!r}; known: {', '.join(T.TYPES)}") from None
+        raise ConfigError(f"layer {layer}: unknown {which} cache type {_show(name)}; known: {', '.join(T.TYPES)}") from None
+
+
+def _show(value, limit: int = 40) -> str:
+    """A user's value quoted for a message: control characters escaped, cut at `limit` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return repr(text[:limit]) + (f"... ({len(text)} characters)" if len(text) > limit else "")
 
 
 def rle(names: Sequence[str]) -> str:
@@ -68,13 +76,21 @@ class CacheConfig:
     def load(cls, path: str | os.PathLike) -> "CacheConfig":
         p = Path(path)
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{p}: no such configuration file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: cannot read: {e}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{p}: is a folder, not a configuration file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: not a configuration (JSON nested too deeply)") from None
+        except ValueError as e:   # e.g. an integer of more digits than Python converts
+            raise ConfigError(f"{p}: not a usable JSON document ({str(e)[:200]})") from None
         try:
             return cls.from_dict(d)
         except ConfigError as e:

@@ -13,9 +13,11 @@ type_k/type_v wins over per-layer types, as in the engine.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,8 @@ from .gguf_io import ModelInfo, model_info
 
 _LOCK = threading.Lock()
 _LIB = None
+_LOG_CB = None                                     # our llama.cpp log callback (kept alive here)
+_ERRORS: collections.deque = collections.deque(maxlen=16)   # llama.cpp's latest error lines
 
 BUILD_HINT = "build and install the patched engine with `python native/build.py` (see the README)"
 
@@ -64,8 +68,66 @@ def _bind():
     lib.llama_kvtuner_layer_type.restype = ctypes.c_int32
     lib.llama_kvtuner_layer_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_bool]
     lib.llama_kvtuner_layer_bytes.restype = ctypes.c_int64
+    _install_log(llama_cpp)
     _LIB = lib
     return lib
+
+
+def _install_log(llama_cpp) -> None:
+    """llama.cpp's log through a callback that never raises: llama-cpp-python's own decodes every
+    line as strict UTF-8 inside the ctypes callback, so a file whose key names are not UTF-8 printed
+    a Python traceback ("Exception ignored on calling ctypes callback function"). Ours decodes with
+    replacement, prints what llama-cpp-python would print (its verbosity) and keeps the error lines,
+    which name what the engine refused in a file (llama-cpp-python sends them to /dev/null while a
+    model loads)."""
+    global _LOG_CB
+    import logging
+
+    from llama_cpp import _logger
+
+    last = [logging.CRITICAL]
+
+    @llama_cpp.llama_log_callback
+    def cb(level, text, user_data):
+        try:
+            msg = (text or b"").decode("utf-8", "replace")
+            lvl = _logger.GGML_LOG_LEVEL_TO_LOGGING_LEVEL.get(level, logging.DEBUG) if level != 5 else last[0]
+            if lvl >= logging.ERROR and msg.strip():
+                _ERRORS.append(msg.strip())
+            last[0] = lvl
+            if _logger.logger.level <= lvl:
+                print(msg, end="", flush=True, file=sys.stderr)
+        except Exception:   # noqa: BLE001 - a log line must never take the process down
+            pass
+
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+    _LOG_CB = cb
+
+
+def _engine_errors() -> str:
+    """The engine's error lines since the last _ERRORS.clear(), most telling first, for a message."""
+    lines = list(dict.fromkeys(_ERRORS))
+    lines.sort(key=lambda l: 0 if ("gguf" in l or "error loading model" in l) else 1)
+    text = "; ".join(l.rstrip(".") for l in lines[:3])
+    return text[:600]
+
+
+def last_error() -> str:
+    """The engine's message for the last per-layer configuration it refused on this thread ("" if none)."""
+    return (_bind().llama_kvtuner_last_error() or b"").decode("utf-8", "replace")
+
+
+def check_spec(spec) -> str:
+    """An override spec for llama_kvtuner_set_override: ConfigError unless it is text the C side can take."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"an override spec is a string such as 'k=q8_0*3,q4_0*27;v=q4_0', got {type(spec).__name__}")
+    if "\0" in spec:
+        raise ConfigError("the override spec contains a NUL character")
+    try:
+        spec.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("the override spec is not valid text (it holds an unpaired surrogate)") from None
+    return spec
 
 
 def engine_version() -> int:
@@ -178,6 +240,8 @@ class Model:
 @contextlib.contextmanager
 def _override(spec: str | None) -> Iterator[None]:
     lib = _bind()
+    if spec is not None:
+        check_spec(spec)
     with _LOCK:
         lib.llama_kvtuner_set_override(spec.encode() if spec is not None else None)
         try:
@@ -201,7 +265,7 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
     swa_full=False gives sliding-window layers a window-sized cache, as llama.cpp's own tools
     do. Raises ModelFileError / ConfigError / EngineError with the engine's message.
     """
-    lib = _bind()
+    _bind()
     import llama_cpp
 
     info = model_info(path)
@@ -214,6 +278,8 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
         spec = config.spec()
     elif spec is None and not use_file_types:
         spec = "off"
+    elif spec is None and not (type_k or type_v) and not os.environ.get("KVTUNER_KV_TYPES"):
+        info.file_types()    # the file's own types: ConfigError naming the key and layer if unusable
 
     if verbose is None:  # llama.cpp's own log on stderr: KVTUNER_EDGE_VERBOSE=1
         verbose = os.environ.get("KVTUNER_EDGE_VERBOSE", "0") not in ("", "0")
@@ -230,15 +296,18 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
     kw.update(llama_kwargs)
 
     with _override(spec):
+        _ERRORS.clear()
         try:
             llm = llama_cpp.Llama(str(path), **kw)
         except ValueError as e:
-            err = (lib.llama_kvtuner_last_error() or b"").decode()
+            err = last_error()
             if err:
                 raise ConfigError(f"{Path(path).name}: {err}") from None
+            why = _engine_errors()
             if "Failed to load model" in str(e):
-                raise ModelFileError(f"{path}: the engine could not load this model ({e})") from None
-            raise EngineError(f"{path}: {e}") from None
+                raise ModelFileError(f"{path}: the engine could not load this model"
+                                     + (f": {why}" if why else "")) from None
+            raise EngineError(f"{path}: {e}" + (f" ({why})" if why else "")) from None
     return Model(llm, info, config)
 
 
@@ -351,9 +420,11 @@ class BatchRunner:
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        _ERRORS.clear()
         self.model = ll.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
-            raise ModelFileError(f"{path}: the engine could not load this model")
+            why = _engine_errors()
+            raise ModelFileError(f"{path}: the engine could not load this model" + (f": {why}" if why else ""))
         self.n_vocab = int(ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model)))
 
     def close(self) -> None:
@@ -373,7 +444,7 @@ class BatchRunner:
         """A context of n_seq sequences of n_ctx_seq cells each. spec: the engine's per-layer override
         (None: the file's own kvtuner types; "off": f16); type_k/type_v: one global type (wins)."""
         ll = self._ll
-        lib = _bind()
+        _bind()
         cp = ll.llama_context_default_params()
         cp.n_ctx = n_seq * n_ctx_seq
         cp.n_seq_max = n_seq
@@ -393,7 +464,7 @@ class BatchRunner:
         with _override(spec):
             ctx = ll.llama_init_from_model(self.model, cp)
             if not ctx:
-                err = (lib.llama_kvtuner_last_error() or b"").decode()
+                err = last_error()
                 raise (ConfigError if err else EngineError)(
                     f"{self.path.name}: could not create a context of {n_seq} x {n_ctx_seq} cells"
                     + (f": {err}" if err else " (out of memory?)"))

@@ -60,9 +60,12 @@ def _resolve_config(info, config, type_k, type_v):
     if type_k or type_v:
         cfg = CacheConfig.uniform(info.n_layer, type_k or "f16", type_v or "f16")
         return cfg, {"config": cfg}
-    if info.type_k is None:
+    own = info.file_types()     # ConfigError naming the key and layer when the file's types are unusable
+    if own is None:
         raise ConfigError(f"{info.path.name} has no kvtuner per-layer types: give --config or --type-k/--type-v")
-    return CacheConfig(tuple(info.type_k), tuple(info.type_v)), {}
+    cfg = CacheConfig(tuple(own[0]), tuple(own[1]))
+    cfg.validate(info)
+    return cfg, {}
 
 
 def evaluate_many(path, tokens: Sequence[int], tests: dict, ctx: int = 2048, n_gpu_layers: int = 0,

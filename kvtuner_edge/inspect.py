@@ -19,8 +19,11 @@ def cache_cells(info, il: int, ctx: int, n_ubatch: int = 512) -> int:
 
 def inspect(path: str | os.PathLike, ctx: int | None = None) -> dict:
     info = model_info(path)
-    tuned = info.type_k is not None and info.type_v is not None
-    cfg = CacheConfig(tuple(info.type_k), tuple(info.type_v)) if tuned else CacheConfig.uniform(info.n_layer, "f16")
+    own = info.file_types()           # ConfigError when the file's kvtuner types are unusable
+    tuned = own is not None
+    cfg = CacheConfig(tuple(own[0]), tuple(own[1])) if tuned else CacheConfig.uniform(info.n_layer, "f16")
+    if tuned:
+        cfg.validate(info)            # block sizes against head sizes, as the engine checks them
     nom, sto = cfg.bits(info)
     out = {
         "path": str(info.path),
@@ -32,8 +35,8 @@ def inspect(path: str | os.PathLike, ctx: int | None = None) -> dict:
         "head_v": info.head_v,
         "swa_layers": [il for il in range(info.n_layer) if info.swa_layers[il]],
         "sliding_window": info.sliding_window,
-        "type_k": list(info.type_k) if tuned else None,
-        "type_v": list(info.type_v) if tuned else None,
+        "type_k": list(cfg.type_k) if tuned else None,
+        "type_v": list(cfg.type_v) if tuned else None,
         "config": cfg.short() if tuned else "none (f16 cache unless the user asks for a type)",
         "bits_nominal": nom,
         "bits_storage": sto,
@@ -41,6 +44,8 @@ def inspect(path: str | os.PathLike, ctx: int | None = None) -> dict:
         "kv_bytes_per_token_f16": CacheConfig.uniform(info.n_layer, "f16").bytes_per_token(info),
         "kvtuner": {k: v for k, v in info.metadata.items() if k.startswith("kvtuner.")
                     and k not in ("kvtuner.type_k", "kvtuner.type_v")},
+        "missing": [k for k, v in (("kvtuner.type_k", info.type_k), ("kvtuner.type_v", info.type_v))
+                    if tuned and v is None],
     }
     if ctx:
         out["ctx"] = ctx

@@ -20,7 +20,7 @@ from . import __version__
 from . import types as T
 from .config import CacheConfig
 from .errors import ConfigError
-from .gguf_io import check_output, model_info, read_header
+from .gguf_io import check_output, model_info, read_header, remove_stale_temps
 
 DEFAULT_CALIB_TOKENS = 512
 CALIB_PROMPT = "The history of the city begins"
@@ -33,6 +33,51 @@ def _write_search(path: Path, result, baselines: list) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"result": result.to_json(), "baselines": baselines}))
     os.replace(tmp, path)
+
+
+def _read_search(path: Path, n_layer: int, n_groups: int, progress: bool):
+    """(Result, baselines) from a search cache file, or None when it is absent or unusable (truncated,
+    not JSON, another layout): such a file is never trusted, the search runs again and replaces it."""
+    from .search import Result
+
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        result = Result.from_json(saved["result"])
+        baselines = saved["baselines"]
+        ok = (bool(result.points) and len(result.groups) == n_groups
+              and all(len(p.x) == n_groups and len(p.type_k) == n_layer and len(p.type_v) == n_layer
+                      and isinstance(p.kld, float) and all(isinstance(t, str) for t in p.type_k + p.type_v)
+                      for p in result.points)
+              and all(isinstance(b, dict) and isinstance(b.get("kld"), float) for b in baselines))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        _log(f"ignoring the unusable search cache {path.name}: searching again", progress)
+        return None
+    return result, baselines
+
+
+def _read_archive(path: Path, n_groups: int, progress: bool) -> dict:
+    """The measured configurations of an interrupted search (genotype -> KLD); {} when absent or unusable."""
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        archive = {}
+        for k, v in raw.items():
+            x = json.loads(k)
+            if not (isinstance(x, list) and len(x) == n_groups and all(isinstance(i, int) and i >= 0 for i in x)
+                    and isinstance(v, float) and v == v):
+                raise ValueError(k)
+            archive[tuple(x)] = v
+    except (OSError, ValueError, AttributeError, TypeError):
+        _log(f"ignoring the unusable search checkpoint {path.name}: measuring from the start", progress)
+        return {}
+    _log(f"resuming the search: {len(archive)} configurations already measured", progress)
+    return archive
+
 
 def _log(msg: str, progress: bool = True) -> None:
     if progress:
@@ -222,7 +267,7 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
 
     from .calibrate.model import TorchModel, kld_many, log_probs
     from .calibrate.profile import kld_positions, sensitivity
-    from .search import Layout, Result, build_space, refine, result_of, search
+    from .search import Layout, build_space, refine, result_of, search
 
     path = Path(model)
     info = model_info(path)
@@ -234,6 +279,8 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
     dev = _torch_device(device)
     t_start = time.time()
     cdir = cache_dir_for(path, Path(cache_dir) if cache_dir else None)
+    if cdir.is_dir():
+        remove_stale_temps(cdir)
     fp = fingerprint(path)
 
     tokens, source = calibration_tokens(path, Path(calib_file) if calib_file else None, n_calib, seed)
@@ -267,19 +314,12 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
             return kld_many(tm, tokens, configs, ref, pos)
 
     t1 = time.time()
-    if final.exists():
-        saved = json.loads(final.read_text())
-        result = Result.from_json(saved["result"])
-        baselines = saved["baselines"]
+    cached = _read_search(final, info.n_layer, len(space.groups), progress)
+    if cached is not None:
+        result, baselines = cached
         _log(f"search results from the cache ({result.evaluations} configurations measured)", progress)
     else:
-        archive = {}
-        if partial.exists():
-            try:
-                archive = {tuple(json.loads(k)): v for k, v in json.loads(partial.read_text()).items()}
-                _log(f"resuming the search: {len(archive)} configurations already measured", progress)
-            except (OSError, ValueError):
-                archive = {}
+        archive = _read_archive(partial, len(space.groups), progress)
 
         def checkpoint(arch):
             tmp = partial.with_name(partial.name + f".tmp{os.getpid()}")
@@ -416,6 +456,7 @@ def export_budget(model: str | os.PathLike, budget: float, out: str | os.PathLik
                           f"{run.result.evaluations} configurations measured (torch KLD)",
     }
     export(path, cfg, dst, extra=extra)
+    remove_stale_temps(dst.parent, f"{dst.stem}.*.tmp*")     # a killed run's front and plots
     files = report(run, dst.with_name(dst.stem + ".pareto.json"), chosen)
     summary = {"model": str(path), "output": str(dst), "budget": budget, "unit": unit,
                "config": cfg.short(), "type_k": list(cfg.type_k), "type_v": list(cfg.type_v),

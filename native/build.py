@@ -4,6 +4,7 @@
     python native/build.py                       # CPU build, install into this Python
     python native/build.py --variant cuda --cuda-arch 90
     python native/build.py --variant metal       # on macOS
+    python native/build.py --variant cpu-asan    # CPU with ASan + UBSan (not installed: scripts/fuzz_corpus.py --asan)
     python native/build.py --write-archive out.tar.xz   # trimmed source for a machine without network
     python native/build.py --source out.tar.xz --no-build-isolation --variant cuda
 
@@ -91,6 +92,10 @@ def sources_hash() -> str:
     return h.hexdigest()
 
 
+SANITIZER_ARGS = ["-DLLAMA_SANITIZE_ADDRESS=ON", "-DLLAMA_SANITIZE_UNDEFINED=ON",
+                  "-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_UNDEFINED=ON"]
+
+
 def cmake_args(variant: str, cuda_arch: str, fa_quants: str = "all") -> list[str]:
     args = ["-DLLAVA_BUILD=OFF", "-DLLAMA_CURL=OFF", "-DGGML_OPENMP=ON"]
     machine = platform.machine().lower()
@@ -110,6 +115,10 @@ def cmake_args(variant: str, cuda_arch: str, fa_quants: str = "all") -> list[str
         # std::ostream calls bound to those copies and crashed (codecvt::do_unshift, SIGSEGV at the
         # first model load; "free(): invalid pointer" beside torch). Keep archive symbols local.
         args += ["-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL"]
+    if variant == "cpu-asan":
+        # AddressSanitizer + UndefinedBehaviorSanitizer in libllama, libggml and the tools: the hostile-input
+        # corpus runs the loader under it (a Python process needs LD_PRELOAD=libasan.so, see fuzz_corpus.py)
+        args += SANITIZER_ARGS
     return args
 
 
@@ -205,6 +214,11 @@ def prepare_source(source: Path, work: Path) -> Path:
 TOOLS = ("llama-server", "llama-cli", "llama-bench", "llama-perplexity", "llama-batched-bench")
 
 
+def tools_of(variant: str) -> tuple[str, ...]:
+    """The sanitizer build makes only the two tools that meet files from users (the loader path)."""
+    return ("llama-server", "llama-cli") if variant == "cpu-asan" else TOOLS
+
+
 def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int, fa_quants: str = "all") -> Path:
     """The patched llama.cpp command-line tools (static build), cached like the wheel; returns their folder."""
     args = cmake_args(variant, cuda_arch, fa_quants) + ["-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TOOLS=ON",
@@ -212,8 +226,9 @@ def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int, fa
                                              "-DLLAMA_BUILD_TESTS=OFF",
                                              "-DCMAKE_BUILD_TYPE=Release"]
     source, _, key = build_key(source, args)
+    tools = tools_of(variant)
     bin_dir = cache_root() / "bin" / f"{variant}-{key}"
-    if all((bin_dir / t).exists() for t in TOOLS):
+    if all((bin_dir / t).exists() for t in tools):
         log(f"cached tools in {bin_dir}")
         return bin_dir
     work = cache_root() / "build" / f"tools-{variant}-{key}"
@@ -222,13 +237,13 @@ def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int, fa
     bdir = work / "cmake"
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     t0 = time.time()
-    log(f"building {', '.join(TOOLS)} ({variant}, key {key})")
+    log(f"building {', '.join(tools)} ({variant}, key {key})")
     subprocess.run(["cmake", "-S", str(llama_dir), "-B", str(bdir), *gen, *args], check=True)
-    subprocess.run(["cmake", "--build", str(bdir), "--parallel", str(jobs), "--target", *TOOLS], check=True)
+    subprocess.run(["cmake", "--build", str(bdir), "--parallel", str(jobs), "--target", *tools], check=True)
     tmp = bin_dir.with_name(bin_dir.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for t in TOOLS:
+    for t in tools:
         shutil.copy2(bdir / "bin" / t, tmp / t)
     shutil.rmtree(bin_dir, ignore_errors=True)
     os.replace(tmp, bin_dir)
@@ -285,7 +300,8 @@ def build(variant: str, cuda_arch: str, source: Path | None, isolation: bool,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=("cpu", "cuda", "metal"), default="cpu")
+    ap.add_argument("--variant", choices=("cpu", "cuda", "metal", "cpu-asan"), default="cpu",
+                    help="cpu-asan: CPU with AddressSanitizer + UndefinedBehaviorSanitizer, never installed")
     ap.add_argument("--cuda-arch", default=os.environ.get("KVTUNER_CUDA_ARCH", "90"),
                     help="CMAKE_CUDA_ARCHITECTURES for --variant cuda (default 90: H100/H200)")
     ap.add_argument("--fa-quants", default="all",
@@ -311,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.tools:
             print(build_tools(a.variant, a.cuda_arch, a.source, a.jobs, a.fa_quants))
             return 0
+        # the sanitizer engine needs libasan preloaded into Python: it would break the plain one if installed
+        install = not a.no_install and a.variant != "cpu-asan"
         wheel = build(a.variant, a.cuda_arch, a.source, not a.no_build_isolation,
-                      not a.no_install, a.jobs, a.keep_build, a.fa_quants)
+                      install, a.jobs, a.keep_build, a.fa_quants)
         if a.print_wheel:
             print(wheel)
     except (BuildError, subprocess.CalledProcessError) as e:

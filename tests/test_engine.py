@@ -402,7 +402,7 @@ def test_gguf_metadata_types_apply_and_off_disables(smollm2, tmp_path):
     ("k=q8_0*3,q4_0*20;v=q4_0", True, "23 K cache types given, but the model has 30 layers"),
     ("k=q8_0;v=q4_0*29", True, "29 V cache types given, but the model has 30 layers"),
     ("k=q8_0*3,q9_0*27;v=q4_0", True, "layer 3: unknown K cache type 'q9_0'"),
-    ("k=q4_K;v=q8_0", True, "layer 0: K cache type q4_K has block size 256, which does not divide the K head size 64"),
+    ("k=q4_K;v=q8_0", True, "layer 0: K cache type q4_K is not a KV cache type (f32, f16, q4_0"),
     ("k=f16;v=f16*10,q4_0*20", False, "layer 10: quantized V cache type q4_0 requires flash attention, which is disabled"),
     ("k=q8_0;x=q4_0", True, "cannot parse 'x=q4_0'"),
     ("k=q8_0*0,q4_0*30;v=f16", True, "bad repeat count '0'"),

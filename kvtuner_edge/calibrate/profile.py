@@ -67,13 +67,24 @@ class Profile:
 
     @classmethod
     def load(cls, path: Path) -> "Profile | None":
+        """The profile saved at `path`, or None when it is absent or unusable (truncated, not JSON, another
+        version or shape): a checkpoint is only trusted when every field has the shape the run needs."""
         try:
             d = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
+            if not isinstance(d, dict) or d.get("version") != PROFILE_VERSION:
+                return None
+            p = cls(**d)
+        except (OSError, ValueError, TypeError):
             return None
-        if d.get("version") != PROFILE_VERSION:
-            return None
-        return cls(**d)
+        num = lambda x: x is None or (isinstance(x, float) and x == x) or (isinstance(x, int) and not isinstance(x, bool))
+        rows_ok = lambda rows: (isinstance(rows, list) and len(rows) == p.n_layer and
+                                all(isinstance(r, list) and len(r) == len(p.pairs) and all(map(num, r)) for r in rows))
+        ok = (isinstance(p.n_layer, int) and isinstance(p.pairs, list) and all(isinstance(x, list) and len(x) == 2
+                                                                               for x in p.pairs)
+              and rows_ok(p.attn_err) and rows_ok(p.kld) and isinstance(p.done_layers, list)
+              and isinstance(p.kv_layers, list) and set(p.done_layers) <= set(p.kv_layers)
+              and all(p.attn_err[il][0] is not None for il in p.done_layers))
+        return p if ok else None
 
 
 def select_pairs(bits: np.ndarray, err: np.ndarray, max_pairs: int, bits_storage: np.ndarray | None = None) -> list[int]:
@@ -111,7 +122,10 @@ def sensitivity(model, tokens: Sequence[int], pairs: Sequence[tuple[str, str]], 
     info = model.info
     kv_layers = list(info.kv_layers)
     prof = Profile.load(cache) if cache is not None and cache.exists() else None
-    if prof is not None and (prof.key != key or [list(p) for p in pairs] != prof.pairs):
+    if cache is not None and cache.exists() and prof is None and progress:
+        print(f"ignoring the unusable profile checkpoint {cache.name}: profiling from the start", file=sys.stderr)
+    if prof is not None and (prof.key != key or [list(p) for p in pairs] != prof.pairs
+                             or prof.n_layer != info.n_layer or prof.kv_layers != kv_layers):
         prof = None
     pos = kld_positions(len(tokens), max_positions)
     if prof is None:

@@ -14,9 +14,11 @@
 
 #include "ggml.h"
 #include "ggml-backend.h"
+#include "gguf.h"
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -90,6 +92,70 @@ static std::string fmt(const char * f, ...) {
     return buf;
 }
 
+// a name from a file or the environment, safe to print: bytes outside printable ASCII as \xNN, cut at 40
+static std::string printable(const std::string & s) {
+    const size_t limit = 40;
+    std::string out;
+    for (size_t i = 0; i < s.size() && i < limit; ++i) {
+        const unsigned char c = s[i];
+        if (c >= 0x20 && c < 0x7f && c != '\'' && c != '\\') {
+            out += (char) c;
+        } else {
+            out += fmt("\\x%02x", c);
+        }
+    }
+    if (s.size() > limit) {
+        out += fmt("... (%zu bytes)", s.size());
+    }
+    return out;
+}
+
+// the types a KV cache can hold: what llama.cpp's tools accept for -ctk/-ctv, ggml's q2_0 and our
+// q3_kv/q2_kv (kvtuner_edge/types.py has the same list); other ggml types (k-quants, i-quants,
+// integers, f64) may pass the backend's support probes and then crash in the attention kernels
+static bool is_cache_type(ggml_type t) {
+    switch (t) {
+        case GGML_TYPE_F32:
+        case GGML_TYPE_F16:
+        case GGML_TYPE_BF16:
+        case GGML_TYPE_Q8_0:
+        case GGML_TYPE_Q5_1:
+        case GGML_TYPE_Q5_0:
+        case GGML_TYPE_Q4_1:
+        case GGML_TYPE_Q4_0:
+        case GGML_TYPE_IQ4_NL:
+        case GGML_TYPE_Q3_KV:
+        case GGML_TYPE_Q2_KV:
+        case GGML_TYPE_Q2_0:
+            return true;
+        default:
+            return false;
+    }
+}
+
+static std::string cache_type_names() {
+    std::string out;
+    for (int i = 0; i < GGML_TYPE_COUNT; ++i) {
+        if (is_cache_type((ggml_type) i)) {
+            out += (out.empty() ? "" : ", ") + std::string(ggml_type_name((ggml_type) i));
+        }
+    }
+    return out;
+}
+
+static ggml_type cache_type(const std::string & name, const char * which, size_t layer, const std::string & source) {
+    const ggml_type t = type_by_name(name);
+    if (t == GGML_TYPE_COUNT) {
+        throw std::runtime_error(fmt("kvtuner (%s): layer %zu: unknown %s cache type '%s'",
+                    source.c_str(), layer, which, printable(name).c_str()));
+    }
+    if (!is_cache_type(t)) {
+        throw std::runtime_error(fmt("kvtuner (%s): layer %zu: %s cache type %s is not a KV cache type (%s)",
+                    source.c_str(), layer, which, ggml_type_name(t), cache_type_names().c_str()));
+    }
+    return t;
+}
+
 // expands "q8_0*3,q4_0*27" (or a single "q8_0" for every layer) into n_layer types
 static std::vector<ggml_type> parse_list(const std::string & list, const char * which, uint32_t n_layer, const std::string & source) {
     std::vector<ggml_type> out;
@@ -97,24 +163,26 @@ static std::vector<ggml_type> parse_list(const std::string & list, const char * 
     for (const auto & raw : items) {
         const std::string item = trim(raw);
         std::string name  = item;
-        long        count = -1;
+        long long   count = -1;
         const size_t star = item.find('*');
         if (star != std::string::npos) {
             name = trim(item.substr(0, star));
             const std::string cnt = trim(item.substr(star + 1));
             char * end = nullptr;
-            count = strtol(cnt.c_str(), &end, 10);
-            if (cnt.empty() || *end != '\0' || count <= 0) {
-                throw std::runtime_error(fmt("kvtuner (%s): bad repeat count '%s' in %s types", source.c_str(), cnt.c_str(), which));
+            errno = 0;
+            count = strtoll(cnt.c_str(), &end, 10);
+            if (cnt.empty() || !isdigit((unsigned char) cnt[0]) || *end != '\0' || errno == ERANGE || count <= 0) {
+                throw std::runtime_error(fmt("kvtuner (%s): bad repeat count '%s' in %s types", source.c_str(), printable(cnt).c_str(), which));
             }
         }
-        const ggml_type t = type_by_name(name);
-        if (t == GGML_TYPE_COUNT) {
-            throw std::runtime_error(fmt("kvtuner (%s): layer %zu: unknown %s cache type '%s'",
-                        source.c_str(), out.size(), which, name.c_str()));
-        }
+        const ggml_type t = cache_type(name, which, out.size(), source);
         if (items.size() == 1 && count < 0) {
             return std::vector<ggml_type>(n_layer, t);
+        }
+        // bounded before anything is allocated: a count of 2^31 must not build a list of 2^31 types
+        if ((unsigned long long) (count < 0 ? 1 : count) > n_layer - out.size()) {
+            throw std::runtime_error(fmt("kvtuner (%s): more than %u %s cache types given, but the model has %u layers",
+                        source.c_str(), n_layer, which, n_layer));
         }
         out.insert(out.end(), count < 0 ? 1 : (size_t) count, t);
     }
@@ -125,18 +193,78 @@ static std::vector<ggml_type> parse_list(const std::string & list, const char * 
     return out;
 }
 
-// the GGUF array, kept by the model loader as its string form ["q8_0", "q4_0", ...]
+// marks a kvtuner.type_k/v value the model loader found unusable; the message follows
+static const char KVTUNER_BAD_META = '\x01';
+
+// a GGUF value type in words, as kvtuner_edge's reader names it
+static const char * gguf_type_words(gguf_type t) {
+    static const char * names[] = { "uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "bool",
+                                    "string", "array", "uint64", "int64", "float64" };
+    return (int) t >= 0 && (size_t) t < sizeof(names) / sizeof(names[0]) ? names[t] : "value of unknown type";
+}
+
+std::string llama_kvtuner_gguf_value(const struct gguf_context * ctx, int64_t i) {
+    const char * key = gguf_get_key(ctx, i);
+    if (strcmp(key, "kvtuner.type_k") != 0 && strcmp(key, "kvtuner.type_v") != 0) {
+        return gguf_kv_to_str(ctx, i);
+    }
+    const gguf_type t = gguf_get_kv_type(ctx, i);
+    if (t != GGUF_TYPE_ARRAY || gguf_get_arr_type(ctx, i) != GGUF_TYPE_STRING) {
+        const std::string tn = t == GGUF_TYPE_ARRAY ? std::string("array of ") + gguf_type_words(gguf_get_arr_type(ctx, i)) : gguf_type_words(t);
+        return KVTUNER_BAD_META + fmt("%s is %s %s, not an array of cache type names", key,
+                strchr("aeiou", tn[0]) ? "an" : "a", tn.c_str());
+    }
+    const size_t n = gguf_get_arr_n(ctx, i);
+    if (n > LLAMA_MAX_LAYERS) {
+        return KVTUNER_BAD_META + fmt("%s has %zu entries, more than a model's %d layers", key, n, LLAMA_MAX_LAYERS);
+    }
+    // the names are plain (letters, digits, '_'), so the string form ["a", "b"] below is unambiguous
+    for (size_t j = 0; j < n; ++j) {
+        const std::string name = gguf_get_arr_str(ctx, i, j);
+        const bool plain = !name.empty() && name.size() <= 64 &&
+            std::all_of(name.begin(), name.end(), [](char c) { return isalnum((unsigned char) c) || c == '_'; });
+        if (!plain) {
+            return KVTUNER_BAD_META + fmt("%s: layer %zu: '%s' is not a KV cache type (%s)", key, j,
+                    printable(name).c_str(), cache_type_names().c_str());
+        }
+    }
+    return gguf_kv_to_str(ctx, i);
+}
+
+// the GGUF array, kept by the model loader (llama_kvtuner_gguf_value) as its string form ["q8_0", "q4_0", ...]
 static bool meta_list(const llama_model & model, const char * key, std::string & out) {
     const auto it = model.gguf_kv.find(key);
     if (it == model.gguf_kv.end()) {
         return false;
     }
-    std::string s = trim(it->second);
+    out = it->second;
+    return true;
+}
+
+// a file's list: exactly one plain type name per layer (no counts, no single entry for all layers)
+static std::vector<ggml_type> parse_meta(const std::string & value, const char * key, uint32_t n_layer) {
+    if (!value.empty() && value[0] == KVTUNER_BAD_META) {
+        throw std::runtime_error("kvtuner (gguf): " + value.substr(1));
+    }
+    std::string s = trim(value);
     if (s.size() >= 2 && s.front() == '[' && s.back() == ']') {
         s = s.substr(1, s.size() - 2);
     }
-    out = s;
-    return true;
+    const auto items = trim(s).empty() ? std::vector<std::string>() : split(s, ',');
+    if (items.size() != n_layer) {
+        throw std::runtime_error(fmt("kvtuner (gguf): %s has %zu entries for %u layers", key, items.size(), n_layer));
+    }
+    std::vector<ggml_type> out;
+    for (const auto & raw : items) {
+        const std::string name = trim(raw);
+        const ggml_type   t    = type_by_name(name);
+        if (t == GGML_TYPE_COUNT || !is_cache_type(t)) {
+            throw std::runtime_error(fmt("kvtuner (gguf): %s: layer %zu: '%s' is not a KV cache type (%s)",
+                        key, out.size(), printable(name).c_str(), cache_type_names().c_str()));
+        }
+        out.push_back(t);
+    }
+    return out;
 }
 
 static bool arch_supported(const llama_model & model) {
@@ -198,16 +326,17 @@ llama_kvtuner_types llama_kvtuner_resolve(const llama_model & model, ggml_type t
             }
             const size_t eq = part.find('=');
             const std::string key = eq == std::string::npos ? "" : trim(part.substr(0, eq));
-            if (key == "k" || key == "K") {
-                list_k = part.substr(eq + 1);
-                have_k = true;
-            } else if (key == "v" || key == "V") {
-                list_v = part.substr(eq + 1);
-                have_v = true;
-            } else {
+            const bool is_k = key == "k" || key == "K";
+            const bool is_v = key == "v" || key == "V";
+            if (!is_k && !is_v) {
                 throw std::runtime_error(fmt("kvtuner (%s): cannot parse '%s': expected 'k=TYPES' or 'v=TYPES'",
-                            res.source.c_str(), part.c_str()));
+                            res.source.c_str(), printable(part).c_str()));
             }
+            if ((is_k && have_k) || (is_v && have_v)) {
+                throw std::runtime_error(fmt("kvtuner (%s): %s types given twice", res.source.c_str(), is_k ? "K" : "V"));
+            }
+            (is_k ? list_k : list_v) = part.substr(eq + 1);
+            (is_k ? have_k : have_v) = true;
         }
     } else {
         have_k = meta_list(model, "kvtuner.type_k", list_k);
@@ -230,8 +359,13 @@ llama_kvtuner_types llama_kvtuner_resolve(const llama_model & model, ggml_type t
                     res.source.c_str(), llm_arch_name(model.arch)));
     }
 
-    res.k = have_k ? parse_list(list_k, "K", n_layer, res.source) : std::vector<ggml_type>(n_layer, type_k);
-    res.v = have_v ? parse_list(list_v, "V", n_layer, res.source) : std::vector<ggml_type>(n_layer, type_v);
+    if (have_spec) {
+        res.k = have_k ? parse_list(list_k, "K", n_layer, res.source) : std::vector<ggml_type>(n_layer, type_k);
+        res.v = have_v ? parse_list(list_v, "V", n_layer, res.source) : std::vector<ggml_type>(n_layer, type_v);
+    } else {
+        res.k = have_k ? parse_meta(list_k, "kvtuner.type_k", n_layer) : std::vector<ggml_type>(n_layer, type_k);
+        res.v = have_v ? parse_meta(list_v, "kvtuner.type_v", n_layer) : std::vector<ggml_type>(n_layer, type_v);
+    }
 
     return res;
 }
@@ -300,8 +434,11 @@ bool llama_kvtuner_check(const llama_model & model, llama_context_params & param
     llama_kvtuner_types types;
     try {
         types = llama_kvtuner_resolve(model, params.type_k, params.type_v);
-    } catch (const std::exception & e) {
+    } catch (const std::runtime_error & e) {
         return fail(e.what());
+    } catch (const std::exception &) {
+        // never a C++ library message (vector::_M_fill_insert, std::bad_alloc) in front of the user
+        return fail("kvtuner: the per-layer cache types could not be read (out of memory)");
     }
     if (!types.active()) {
         return true;
