@@ -20,6 +20,8 @@ dependencies exist.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -228,27 +230,79 @@ def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int, fa
     source, _, key = build_key(source, args)
     tools = tools_of(variant)
     bin_dir = cache_root() / "bin" / f"{variant}-{key}"
-    if all((bin_dir / t).exists() for t in tools):
-        log(f"cached tools in {bin_dir}")
+    with build_lock(f"tools-{variant}", key):
+        if all((bin_dir / t).exists() for t in tools):
+            log(f"cached tools in {bin_dir}")
+            return bin_dir
+        work = cache_root() / "build" / f"tools-{variant}-{key}"
+        top = prepare_source(source, work)
+        llama_dir = top / "vendor" / "llama.cpp"
+        bdir = work / "cmake"
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        t0 = time.time()
+        log(f"building {', '.join(tools)} ({variant}, key {key})")
+        subprocess.run(["cmake", "-S", str(llama_dir), "-B", str(bdir), *gen, *args], check=True)
+        subprocess.run(["cmake", "--build", str(bdir), "--parallel", str(jobs), "--target", *tools], check=True)
+        tmp = bin_dir.with_name(bin_dir.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for t in tools:
+            shutil.copy2(bdir / "bin" / t, tmp / t)
+        shutil.rmtree(bin_dir, ignore_errors=True)
+        os.replace(tmp, bin_dir)
+        log(f"tools built in {time.time() - t0:.0f} s: {bin_dir}")
         return bin_dir
-    work = cache_root() / "build" / f"tools-{variant}-{key}"
+
+
+@contextlib.contextmanager
+def build_lock(variant: str, key: str):
+    """One build per key at a time (two clones running `make setup` at once used to run two ninjas in
+    one build folder); a second build waits for the first and then takes its cached result."""
+    root = cache_root() / "build"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{variant}-{key}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another build of this engine (key {key}) is running: waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _build_locked(variant, key, args, source, key_src, wheel_dir, isolation, jobs, keep_build) -> list[Path]:
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    if wheels:
+        log(f"cached wheel {wheels[0]} (key {key})")
+        return wheels
+    # a persistent work folder per key: an interrupted build resumes where ninja stopped
+    work = cache_root() / "build" / f"{variant}-{key}"
     top = prepare_source(source, work)
-    llama_dir = top / "vendor" / "llama.cpp"
-    bdir = work / "cmake"
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    log(f"building the {variant} engine (key {key}) in {work}; cmake args: {' '.join(args)}")
     t0 = time.time()
-    log(f"building {', '.join(tools)} ({variant}, key {key})")
-    subprocess.run(["cmake", "-S", str(llama_dir), "-B", str(bdir), *gen, *args], check=True)
-    subprocess.run(["cmake", "--build", str(bdir), "--parallel", str(jobs), "--target", *tools], check=True)
-    tmp = bin_dir.with_name(bin_dir.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for t in tools:
-        shutil.copy2(bdir / "bin" / t, tmp / t)
-    shutil.rmtree(bin_dir, ignore_errors=True)
-    os.replace(tmp, bin_dir)
-    log(f"tools built in {time.time() - t0:.0f} s: {bin_dir}")
-    return bin_dir
+    out = work / "wheel"
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, CMAKE_ARGS=" ".join(args), CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out),
+           "--config-settings", f"build-dir={work / 'cmake'}", str(top)]
+    if not isolation:
+        cmd.insert(4, "--no-build-isolation")
+    r = subprocess.run(cmd, env=env)
+    if r.returncode != 0:
+        raise BuildError(f"the wheel build failed (exit {r.returncode}); see the compiler output above. "
+                         f"Run the same command again to resume it.")
+    built = sorted(out.glob("*.whl"))
+    if not built:
+        raise BuildError("pip wheel produced no wheel")
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dest = wheel_dir / (built[0].name + ".part")
+    shutil.copy2(built[0], tmp_dest)
+    os.replace(tmp_dest, wheel_dir / built[0].name)
+    (wheel_dir / "key.json").write_text(key_src)
+    log(f"built in {time.time() - t0:.0f} s")
+    if not keep_build:
+        shutil.rmtree(work, ignore_errors=True)
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    return wheels
 
 
 def build(variant: str, cuda_arch: str, source: Path | None, isolation: bool,
@@ -256,38 +310,8 @@ def build(variant: str, cuda_arch: str, source: Path | None, isolation: bool,
     args = cmake_args(variant, cuda_arch, fa_quants)
     source, key_src, key = build_key(source, args)
     wheel_dir = cache_root() / "wheels" / f"{variant}-{key}"
-    wheels = sorted(wheel_dir.glob("*.whl"))
-    if wheels:
-        log(f"cached wheel {wheels[0]} (key {key})")
-    else:
-        # a persistent work folder per key: an interrupted build resumes where ninja stopped
-        work = cache_root() / "build" / f"{variant}-{key}"
-        top = prepare_source(source, work)
-        log(f"building the {variant} engine (key {key}) in {work}; cmake args: {' '.join(args)}")
-        t0 = time.time()
-        out = work / "wheel"
-        shutil.rmtree(out, ignore_errors=True)
-        env = dict(os.environ, CMAKE_ARGS=" ".join(args), CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out),
-               "--config-settings", f"build-dir={work / 'cmake'}", str(top)]
-        if not isolation:
-            cmd.insert(4, "--no-build-isolation")
-        r = subprocess.run(cmd, env=env)
-        if r.returncode != 0:
-            raise BuildError(f"the wheel build failed (exit {r.returncode}); see the compiler output above. "
-                             f"Run the same command again to resume it.")
-        built = sorted(out.glob("*.whl"))
-        if not built:
-            raise BuildError("pip wheel produced no wheel")
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        tmp_dest = wheel_dir / (built[0].name + ".part")
-        shutil.copy2(built[0], tmp_dest)
-        os.replace(tmp_dest, wheel_dir / built[0].name)
-        (wheel_dir / "key.json").write_text(key_src)
-        log(f"built in {time.time() - t0:.0f} s")
-        if not keep_build:
-            shutil.rmtree(work, ignore_errors=True)
-        wheels = sorted(wheel_dir.glob("*.whl"))
+    with build_lock(variant, key):
+        wheels = _build_locked(variant, key, args, source, key_src, wheel_dir, isolation, jobs, keep_build)
     if install:
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheels[0])],
                        check=True)
