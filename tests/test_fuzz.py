@@ -204,7 +204,7 @@ def test_engine_reads_the_file_keys_as_strictly_as_our_reader(corpus, tmp_path, 
 
 def test_duplicate_vocabulary_token_is_a_load_error_not_an_abort(corpus, tmp_path):
     """One bit flip made two tokens equal and llama.cpp's vocabulary loader aborted (GGML_ASSERT) in
-    eval, llama-cli and llama-server; it refuses the file with a message now (patch 0016)."""
+    eval, llama-cli and llama-server; it refuses the file with a message now (patch 0017)."""
     work, bases, cases, layouts = corpus
     L = layouts["tiny"]
     data = bytearray(bases["tiny"].read_bytes())
