@@ -102,7 +102,8 @@ prepare_model() {
 
 if [ "$STAGE" = py ]; then
   # any Python script of the working tree with the engine's environment; the tuned 8B file is $MODEL
-  prepare_model
+  # (NO_MODEL=1: not made, for scripts that bring their own model)
+  [ -n "${NO_MODEL:-}" ] || prepare_model
   shift
   MODEL=$F python3 "$@"
   exit $?
