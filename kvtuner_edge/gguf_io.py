@@ -539,6 +539,10 @@ def write_with_metadata(src: str | os.PathLike, dst: str | os.PathLike, new_kv: 
         raise ModelFileError(f"{folder}: output folder is not writable ({e.strerror})") from None
     tmp = Path(tmp_name)
     try:
+        # mkstemp makes the file 0600; the output gets what a plain open() would give (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
             out.write(GGUF_MAGIC + struct.pack("<IQQ", h.version, len(h.tensors), len(kept) + len(new_kv)))
             for k in kept:

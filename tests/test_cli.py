@@ -67,6 +67,13 @@ def test_export_keeps_every_tensor_byte(smollm2, tuned):
     assert b.metadata["kvtuner.type_k"] == list(edge_mixed(N_LAYER).type_k)
 
 
+def test_export_output_has_the_usual_permissions(tuned):
+    # a temporary file is renamed into place; the result is readable like any file the user writes
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(tuned.stat().st_mode) == 0o666 & ~umask
+
+
 def test_exported_file_runs_with_its_per_layer_cache(tuned):
     with engine.open_model(tuned, n_ctx=256) as m:
         assert m.layer_types() == (list(edge_mixed(N_LAYER).type_k), list(edge_mixed(N_LAYER).type_v))
