@@ -80,6 +80,27 @@ if [ "$STAGE" = kernel ]; then
   exit 0
 fi
 
+if [ "$STAGE" = split ]; then
+  # the decode kernel's split over KV positions (launch_fattn's parallel blocks), one process per
+  # KVTUNER_CUDA_FA_MMAQ_PB value (0: llama.cpp's choice, -1: balanced, the default; N: N blocks), then
+  # f16 through llama.cpp's kernel once; table: scripts/mmaq_split_table.py
+  PF=${PERF_FILTER:-"nh=8,nr23=\[4,(1|4|16)\],kv=(1024|4096|8192|16384),nb=1,"}
+  # correctness first, CUDA vs CPU with the default split (decode and small-batch cases)
+  eval_cases "split ${KVTUNER_CUDA_FA_MMAQ_PB:-balanced}" "${EVAL_FILTER:-nb=(1|2|3|4|5|8|16),}" eval_split.log "${EVAL_TIMEOUT:-300}"
+  for pb in ${PB_LIST:-0 -1 8 16 24 32 48 64}; do
+    KVTUNER_CUDA_FA_MMAQ_PB=$pb timeout "${PERF_TIMEOUT:-120}" stdbuf -oL .carry/test-backend-ops perf -o FLASH_ATTN_EXT \
+        -b CUDA0 -p "$PF" > "$OUT/split_pb$pb.log" 2>&1
+    echo "split KVTUNER_CUDA_FA_MMAQ_PB=$pb rc=$?" | tee -a "$OUT/summary.txt"
+  done
+  if [ -n "${SPLIT_STOCK:-}" ]; then   # and llama.cpp's own path for the same cases (the vector kernel)
+    KVTUNER_CUDA_FA_MMAQ=0 timeout "${PERF_TIMEOUT:-120}" stdbuf -oL .carry/test-backend-ops perf -o FLASH_ATTN_EXT \
+        -b CUDA0 -p "$PF" > "$OUT/split_pboff.log" 2>&1
+    echo "split KVTUNER_CUDA_FA_MMAQ=0 rc=$?" | tee -a "$OUT/summary.txt"
+  fi
+  python3 scripts/mmaq_split_table.py "$OUT"/split_pb*.log --json "$OUT/split.json" | tee -a "$OUT/summary.txt"
+  exit 0
+fi
+
 if [ "$STAGE" = small ]; then
   # small batches (2-16 tokens per sequence): our cases CUDA vs CPU, then perf at the Llama-3-8B layer with the
   # kernel and without it (the f16 copy of K/V and llama.cpp's MMA kernel) in the same build
