@@ -9,6 +9,8 @@
 #           sequences at depth 4096), with our kernel and without it (KVTUNER_CUDA_FA_MMAQ=0: the GQA
 #           vector kernel of patch 0006) in the same build; PERF_VARIANTS="5 ..." adds a measuring build's
 #           other configurations (KVTUNER_CUDA_FA_MMAQ_VARIANT), each against the default.
+#   build:  no carried engine: build it here from .carry/llama-src.tar.xz (scripts/prepare_carry.sh), with
+#           test-backend-ops; later stages of the same warm machine use it.
 #   profile: scripts/gpu_decode_profile.py: kernels and time per decode step, f16 vs quantized caches.
 #   small:  the small-batch cases (2-16 tokens per sequence) CUDA vs CPU, then their perf with the kernel and
 #           without it (llama.cpp's MMA kernel on an f16 copy of K/V) at the Llama-3-8B layer, 1 and 16 sequences.
@@ -23,6 +25,46 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kvtuner-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 SITE=/tmp/site
+if [ "$STAGE" = build ]; then
+  # no engine carried: build the CUDA engine on this machine (5-7 min on 16 cores) from the trimmed source
+  # (.carry/llama-src.tar.xz, scripts/prepare_carry.sh) with the working tree's patches, install it into
+  # $SITE, link test-backend-ops and cuda_kvquant_exact against it into .carry/ (kept while the machine
+  # stays warm; the package, 50 MiB as tar.xz, is over what comes back from a call)
+  export KVTUNER_EDGE_CACHE=/root/kvtuner-cache
+  FA=${FA_QUANTS:-q8_0-q8_0,q4_0-q4_0,q8_0-q4_0,q3_kv-q2_kv,q3_kv-q3_kv,q4_0-q3_kv,q4_1-q3_kv,q5_0-q4_0,q5_1-q3_kv,q5_1-q4_1}
+  t0=$(date +%s)
+  python3 native/build.py --variant cuda --cuda-arch "${CUDA_ARCH:-90}" --fa-quants "$FA" --source .carry/llama-src.tar.xz \
+      --no-build-isolation --no-install --jobs "$(nproc)" --print-wheel > "$OUT/build.log" 2>&1 &
+  bpid=$!
+  # test-backend-ops (the patched tree's) compiles beside the engine
+  while [ -z "$(find /root/kvtuner-cache/build -maxdepth 1 -name 'cuda-*' -newer .carry/llama-src.tar.xz 2>/dev/null)" ] ||
+        [ ! -f "$(ls -d /root/kvtuner-cache/build/cuda-* | head -n 1)/source-ready" ]; do
+    kill -0 $bpid 2>/dev/null || break; sleep 2
+  done
+  LSRC=$(ls -d /root/kvtuner-cache/build/cuda-*/llama_cpp_python-*/vendor/llama.cpp | head -n 1)
+  # (the build removes its source tree when it is done: both compile now)
+  g++ -O1 -std=c++17 -I"$LSRC/ggml/include" -c "$LSRC/tests/test-backend-ops.cpp" -o /tmp/tbo.o &
+  tpid=$!
+  g++ -O1 -std=c++17 -I"$LSRC/ggml/include" -c scripts/cuda_kvquant_exact.cpp -o /tmp/kvq.o &
+  kpid=$!
+  wait $bpid; rc=$?
+  echo "build rc=$rc in $(( $(date +%s) - t0 )) s on $(nproc) cores: $(tail -n 1 "$OUT/build.log")" | tee "$OUT/summary.txt"
+  [ $rc = 0 ] || { tail -n 30 "$OUT/build.log"; exit 1; }
+  rm -rf "$SITE" /tmp/w && mkdir -p "$SITE" && python3 -m zipfile -e "$(tail -n 1 "$OUT/build.log")" /tmp/w
+  lib=/tmp/w/llama_cpp/lib
+  for f in "$lib"/*.so*; do   # one real file per library, the other names as links
+    real=$(ls "$lib"/$(basename "$f" | sed -E 's/\.so.*$//').so.*.*.* 2>/dev/null | head -n 1 || true)
+    if [ -n "$real" ] && [ "$f" != "$real" ]; then ln -sf "$(basename "$real")" "$f"; fi
+  done
+  strip --strip-unneeded "$lib"/*.so.*.*.* 2>/dev/null
+  mv /tmp/w/llama_cpp "$SITE/"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .carry/wheels/*.whl 2>/dev/null
+  wait $tpid $kpid
+  g++ /tmp/tbo.o -L"$SITE/llama_cpp/lib" -lggml -lggml-base -Wl,--allow-shlib-undefined -o .carry/test-backend-ops -lpthread
+  g++ /tmp/kvq.o -L"$SITE/llama_cpp/lib" -lggml -lggml-base -Wl,--allow-shlib-undefined -o .carry/cuda_kvquant_exact
+  echo "tools linked, total $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
+  exit 0
+fi
 if [ ! -d "$SITE/llama_cpp" ]; then
   mkdir -p "$SITE"
   tar -xJf .carry/engine.tar.xz -C "$SITE" || exit 3
