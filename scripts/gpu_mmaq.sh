@@ -19,16 +19,11 @@
 # Carry [".carry"]. Results land in $OUT.
 set -uo pipefail
 STAGE=${1:?kernel or bench}
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/kvtuner-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-SITE=/tmp/site
+source "$(dirname "$0")/gpu_env.sh"
+# the engine built on the CPU machine (scripts/prepare_carry_engine.sh), not built here
 if [ ! -d "$SITE/llama_cpp" ]; then
-  mkdir -p "$SITE"
   tar -xJf .carry/engine.tar.xz -C "$SITE" || exit 3
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .carry/wheels/*.whl 2>/dev/null
 fi
-export PYTHONPATH=$SITE:$PWD
 LIB=$SITE/llama_cpp/lib
 # the CUDA runtime and cuBLAS the carried libraries link against (the machine's toolkit or torch's wheels)
 for so in libcudart.so.13 libcublas.so.13; do
