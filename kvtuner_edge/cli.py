@@ -49,10 +49,13 @@ def main():
     """Layer-wise mixed-precision KV cache (KVTuner) for llama.cpp and GGUF."""
 
 
-@main.command("engine")
+@main.group("engine", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def engine_cmd(as_json):
-    """Check that the installed llama_cpp is the patched engine."""
+@click.pass_context
+def engine_cmd(ctx, as_json):
+    """Check that the installed llama_cpp is the patched engine; `engine build` builds and installs it."""
+    if ctx.invoked_subcommand is not None:
+        return
     from . import engine
 
     out = {"kvtuner_api": engine.engine_version(), "gpu_offload": engine.has_gpu()}
@@ -65,6 +68,50 @@ def engine_cmd(as_json):
     else:
         click.echo(f"patched engine OK: llama_cpp {out['llama_cpp']} with kvtuner API v{out['kvtuner_api']}, "
                    f"GPU offload {'yes' if out['gpu_offload'] else 'no'} ({out['path']})")
+
+
+@engine_cmd.command("build")
+@click.option("--variant", type=click.Choice(["cpu", "cuda", "metal", "cpu-asan"]), default="cpu", show_default=True,
+              help="cpu-asan: CPU with AddressSanitizer + UndefinedBehaviorSanitizer, never installed")
+@click.option("--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES for --variant cuda (default $KVTUNER_CUDA_ARCH or 90: "
+                                  "H100/H200)")
+@click.option("--fa-quants", help="--variant cuda: the K-V pairs with a flash-attention vector kernel, all (default) "
+                                  "or a list such as q8_0-q4_0,q4_0-q3_kv (faster builds)")
+@click.option("--source", type=click.Path(dir_okay=False, exists=True),
+              help="build from this (trimmed) source archive instead of the PyPI sdist")
+@click.option("--no-build-isolation", is_flag=True, help="use the scikit-build-core already installed (no network)")
+@click.option("--no-install", is_flag=True, help="build or find the cached wheel, do not install it")
+@click.option("--jobs", type=int, help="parallel compile jobs (default: every core)")
+@click.option("--keep-build", is_flag=True, help="keep the build folder (objects) after success")
+@click.option("--tools", is_flag=True, help="build the patched llama-server, llama-cli, llama-bench, llama-perplexity "
+                                            "and llama-batched-bench instead; prints their folder")
+@click.option("--print-wheel", is_flag=True, help="print the wheel's path on the last line")
+def engine_build_cmd(variant, cuda_arch, fa_quants, source, no_build_isolation, no_install, jobs, keep_build, tools,
+                     print_wheel):
+    """Build the patched llama.cpp engine (cached in ~/.cache/kvtuner-edge) and install it here.
+
+    The first build of a version takes 5 to 25 minutes (16 to 2 cores) and prints its progress; the
+    wheel is cached by source, patches and build flags, so later runs install it in seconds."""
+    import subprocess
+
+    from . import engine_build
+
+    argv = ["--variant", variant]
+    for flag, value in (("--cuda-arch", cuda_arch), ("--fa-quants", fa_quants), ("--source", source),
+                        ("--jobs", jobs)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for flag, on in (("--no-build-isolation", no_build_isolation), ("--no-install", no_install),
+                     ("--keep-build", keep_build), ("--tools", tools), ("--print-wheel", print_wheel)):
+        if on:
+            argv.append(flag)
+    rc = engine_build.main(argv)
+    if rc != 0:
+        sys.exit(rc)
+    if not (no_install or tools or variant == "cpu-asan"):
+        # a fresh interpreter: this one may hold the llama_cpp that was there before
+        r = subprocess.run([sys.executable, "-m", "kvtuner_edge", "engine"])
+        sys.exit(r.returncode)
 
 
 @main.group()
