@@ -738,7 +738,8 @@ def export_memory(model: str | os.PathLike, memory: int | str, ctx: int, out: st
     try:
         mb = memory_budget(info, mem, ctx, n_seq, scope, tlist, backend, probe)
         budget = round(min(max(mb["bits"], lo), hi), 6)
-        _log(f"{format_size(mem)} at {ctx} tokens x {n_seq}: {format_size(mb['kv_budget'])} for the KV cache, "
+        shape = f"{ctx} tokens" + (f" x {n_seq} sequences" if n_seq > 1 else "")
+        _log(f"{format_size(mem)} at {shape}: {format_size(mb['kv_budget'])} for the KV cache, "
              f"{mb['bits']:.3f} storage bits per element as a uniform cache; searching there", progress)
         run = tune(path, progress=progress, unit="storage", budgets=[budget], **tune_kw)
         chosen, fit = pick_within_memory(run, mem, ctx, n_seq, scope, probe)
