@@ -10,19 +10,20 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# the patched llama.cpp engine (cached outside the clone: a second build takes seconds)
-engine: $(BIN)/python
-	$(BIN)/python native/build.py --variant $(VARIANT)
-
-# the patched llama.cpp command-line tools (llama-server, llama-cli, llama-bench, llama-perplexity, llama-batched-bench)
-tools: $(BIN)/python
-	$(BIN)/python native/build.py --variant $(VARIANT) --tools
-
-# torch: the pinned CPU wheel first (an unpinned torch would pull a CUDA build of several GB);
-# on a GPU machine install your own CUDA torch into the venv before `make setup`
-setup: engine
+# the package as a user installs it (pip), then its patched llama.cpp engine (`kvtuner-edge engine build`:
+# cached outside the clone, a second build takes seconds). torch: the pinned CPU wheel first (an unpinned
+# torch would pull a CUDA build of several GB); on a GPU machine install your own CUDA torch into the venv
+# before `make setup`
+setup: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/kvtuner-edge engine build --variant $(VARIANT)
+
+engine: setup
+
+# the patched llama.cpp command-line tools (llama-server, llama-cli, llama-bench, llama-perplexity, llama-batched-bench)
+tools: setup
+	$(BIN)/kvtuner-edge engine build --variant $(VARIANT) --tools
 
 demo: setup
 	$(BIN)/kvtuner-edge demo

@@ -33,6 +33,7 @@ from . import types as T
 from .config import CacheConfig
 from .errors import ConfigError
 from .gguf_io import ModelInfo, model_info
+from .plan import parse_size  # noqa: F401  (bench.parse_size, as before)
 
 BASELINES = ("f16", "q8_0", "q4_0")
 CELL_PAD = 256  # llama.cpp pads each sequence's cache to a multiple of 256 cells
@@ -40,25 +41,6 @@ CELL_PAD = 256  # llama.cpp pads each sequence's cache to a multiple of 256 cell
 
 def _pad(n: int) -> int:
     return (n + CELL_PAD - 1) // CELL_PAD * CELL_PAD
-
-
-def parse_size(text: str | int | float) -> int:
-    """'8GiB', '512MiB', '8e9', 8589934592 -> bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    t = text.strip().lower().replace(" ", "")
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * units[u])
-            except ValueError:
-                break
-    try:
-        return int(float(t))
-    except ValueError:
-        raise ConfigError(f"cannot read {text!r} as a size (examples: 8GiB, 512MiB, 8e9)") from None
 
 
 class BenchConfig:
@@ -179,7 +161,7 @@ def run(path, configs: Sequence[str] | None = None, batches: Sequence[int] = (1,
     if gen < 1:
         raise ConfigError("--gen must be at least 1")
     cfgs = resolve_configs(path, configs, info, backend)
-    budget = parse_size(kv_budget) if kv_budget is not None else None
+    budget = parse_size(kv_budget, "--kv-budget") if kv_budget is not None else None
     settings = {"batches": batches, "depths": depths, "gen": gen, "warmup": warmup, "gpu_layers": gpu_layers,
                 "kv_budget": budget, "n_batch": n_batch, "n_ubatch": n_ubatch, "configs": [c.name for c in cfgs],
                 "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("KVTUNER_CUDA")}}

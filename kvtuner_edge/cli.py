@@ -49,10 +49,13 @@ def main():
     """Layer-wise mixed-precision KV cache (KVTuner) for llama.cpp and GGUF."""
 
 
-@main.command("engine")
+@main.group("engine", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def engine_cmd(as_json):
-    """Check that the installed llama_cpp is the patched engine."""
+@click.pass_context
+def engine_cmd(ctx, as_json):
+    """Check that the installed llama_cpp is the patched engine; `engine build` builds and installs it."""
+    if ctx.invoked_subcommand is not None:
+        return
     from . import engine
 
     out = {"kvtuner_api": engine.engine_version(), "gpu_offload": engine.has_gpu()}
@@ -65,6 +68,50 @@ def engine_cmd(as_json):
     else:
         click.echo(f"patched engine OK: llama_cpp {out['llama_cpp']} with kvtuner API v{out['kvtuner_api']}, "
                    f"GPU offload {'yes' if out['gpu_offload'] else 'no'} ({out['path']})")
+
+
+@engine_cmd.command("build")
+@click.option("--variant", type=click.Choice(["cpu", "cuda", "metal", "cpu-asan"]), default="cpu", show_default=True,
+              help="cpu-asan: CPU with AddressSanitizer + UndefinedBehaviorSanitizer, never installed")
+@click.option("--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES for --variant cuda (default $KVTUNER_CUDA_ARCH or 90: "
+                                  "H100/H200)")
+@click.option("--fa-quants", help="--variant cuda: the K-V pairs with a flash-attention vector kernel, all (default) "
+                                  "or a list such as q8_0-q4_0,q4_0-q3_kv (faster builds)")
+@click.option("--source", type=click.Path(dir_okay=False, exists=True),
+              help="build from this (trimmed) source archive instead of the PyPI sdist")
+@click.option("--no-build-isolation", is_flag=True, help="use the scikit-build-core already installed (no network)")
+@click.option("--no-install", is_flag=True, help="build or find the cached wheel, do not install it")
+@click.option("--jobs", type=int, help="parallel compile jobs (default: every core)")
+@click.option("--keep-build", is_flag=True, help="keep the build folder (objects) after success")
+@click.option("--tools", is_flag=True, help="build the patched llama-server, llama-cli, llama-bench, llama-perplexity "
+                                            "and llama-batched-bench instead; prints their folder")
+@click.option("--print-wheel", is_flag=True, help="print the wheel's path on the last line")
+def engine_build_cmd(variant, cuda_arch, fa_quants, source, no_build_isolation, no_install, jobs, keep_build, tools,
+                     print_wheel):
+    """Build the patched llama.cpp engine (cached in ~/.cache/kvtuner-edge) and install it here.
+
+    The first build of a version takes 5 to 25 minutes (16 to 2 cores) and prints its progress; the
+    wheel is cached by source, patches and build flags, so later runs install it in seconds."""
+    import subprocess
+
+    from . import engine_build
+
+    argv = ["--variant", variant]
+    for flag, value in (("--cuda-arch", cuda_arch), ("--fa-quants", fa_quants), ("--source", source),
+                        ("--jobs", jobs)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for flag, on in (("--no-build-isolation", no_build_isolation), ("--no-install", no_install),
+                     ("--keep-build", keep_build), ("--tools", tools), ("--print-wheel", print_wheel)):
+        if on:
+            argv.append(flag)
+    rc = engine_build.main(argv)
+    if rc != 0:
+        sys.exit(rc)
+    if not (no_install or tools or variant == "cpu-asan"):
+        # a fresh interpreter: this one may hold the llama_cpp that was there before
+        r = subprocess.run([sys.executable, "-m", "kvtuner_edge", "engine"])
+        sys.exit(r.returncode)
 
 
 @main.group()
@@ -143,9 +190,10 @@ def _search_options(f):
         click.option("--pop", default=24, show_default=True, help="NSGA-II population"),
         click.option("--gens", default=5, show_default=True, help="NSGA-II generations on the measured KLD"),
         click.option("--seed", default=0, show_default=True),
-        click.option("--budget-unit", "unit", type=click.Choice(["nominal", "storage"]), default="nominal",
-                     show_default=True, help="bits the search minimises and the budget counts: nominal (q8_0 = 8, "
-                                             "q4_0 = 4, the paper's) or storage (with block scales: q4_0 = 4.5)"),
+        click.option("--budget-unit", "unit", type=click.Choice(["nominal", "storage"]), default=None,
+                     help="bits the search minimises and the budget counts: nominal (q8_0 = 8, q4_0 = 4, the "
+                          "paper's; the default) or storage (with block scales: q4_0 = 4.5; always with "
+                          "--kv-memory/--memory)"),
         click.option("--cache-dir", type=click.Path(file_okay=False), help="default: .kvtuner-cache beside the model"),
     ]
     for o in reversed(opts):
@@ -161,6 +209,19 @@ def _print_budget(res: dict) -> None:
     click.echo(f"  {res['bits_nominal']:.2f} nominal / {res['bits_storage']:.2f} storage bits per element "
                f"(budget {res['budget']:g} {res['unit']}); predicted KLD {res['predicted_kld']:.5f} on the calibration "
                f"text ({res['calibration']})")
+    if res.get("memory"):
+        from .plan import format_size
+
+        m = res["memory"]
+        shape = f"{m['ctx']} tokens" + (f" x {m['n_seq']} sequences" if m["n_seq"] > 1 else "")
+        if m["scope"] == "kv":
+            click.echo(f"  KV cache at {shape}: {format_size(m['kv_bytes'])} ({m['kv_bytes']} bytes, as the engine "
+                       f"allocates it) within {format_size(m['memory'])}")
+        else:
+            click.echo(f"  at {shape}: {format_size(m['total_bytes'])} = weights {format_size(m['weight_bytes'])} + KV "
+                       f"cache {format_size(m['kv_bytes'])} + compute and output buffers "
+                       f"{format_size(m['compute_bytes'] + m['output_bytes'])} (as the engine reports them) within "
+                       f"{format_size(m['memory'])}")
     click.echo(f"  calibrate + search {res['seconds']['total']:.0f} s; front and plots: {res['files']['pareto_json']}, "
                f"{res['files']['pareto_png']}, {res['files'].get('layers_png')}")
     if not res["rows"]:
@@ -189,32 +250,59 @@ def _tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--budget", type=float, help="average bits per cached element: search and export the best "
                                            "configuration within it")
+@click.option("--kv-memory", help="memory for the KV cache at --ctx tokens (2GiB, 512MiB): the best configuration "
+                                  "whose cache the engine allocates within it")
+@click.option("--memory", help="memory for the whole context at --ctx tokens: weights + KV cache + the engine's "
+                               "compute and output buffers, as the engine reports them (6GiB)")
+@click.option("--ctx", type=int, help="with --kv-memory/--memory: tokens per sequence the file is fitted for")
+@click.option("--seqs", "n_seq", default=1, show_default=True, help="with --kv-memory/--memory: parallel sequences, "
+                                                                    "each with its own cache")
 @click.option("--config", "config", type=click.Path(dir_okay=False),
               help='JSON {"type_k": [...], "type_v": [...]} to write as it is (instead of --budget)')
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="default: MODEL.kvtuner.gguf beside the input")
-@click.option("--no-check", is_flag=True, help="with --budget: skip the engine check on held-out text")
+@click.option("--no-check", is_flag=True, help="with a search: skip the engine check on held-out text")
 @click.option("--eval-tokens", default=1024, show_default=True, help="held-out tokens for the engine check")
 @_search_options
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def export(model, budget, config, output, no_check, eval_tokens, types, backend, device, calib_file,
-           calib_tokens, groups, pop, gens, seed, unit, cache_dir, as_json):
+def export(model, budget, kv_memory, memory, ctx, n_seq, config, output, no_check, eval_tokens, types, backend,
+           device, calib_file, calib_tokens, groups, pop, gens, seed, unit, cache_dir, as_json):
     """Write per-layer K/V cache types into a copy of MODEL (tensors unchanged).
 
     With --budget B: calibrate, search (both cached beside the model) and write the lowest-KLD
-    configuration within B bits, then measure it on the engine against uniform caches."""
+    configuration within B bits, then measure it on the engine against uniform caches. With
+    --ctx N --kv-memory M (or --memory M): the same within the bits M leaves at N tokens, the pick
+    checked against the bytes the engine allocates."""
     from . import export as export_mod
     from .errors import ConfigError
     from .inspect import inspect as inspect_fn
 
-    if (budget is None) == (config is None):
-        raise ConfigError("give either --budget B (search) or --config FILE (write as it is)")
+    given = [name for name, v in (("--budget", budget), ("--kv-memory", kv_memory), ("--memory", memory),
+                                  ("--config", config)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError("give one of --budget B (search within B bits), --ctx N --kv-memory M or --ctx N "
+                          "--memory M (search within a memory), --config FILE (write as it is)"
+                          + (f"; got {' and '.join(given)}" if given else ""))
+    if ctx is not None and kv_memory is None and memory is None:
+        raise ConfigError("--ctx goes with --kv-memory or --memory (the context the memory must hold)")
+    kw = _tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, cache_dir)
+    if kv_memory is not None or memory is not None:
+        from .tune import export_memory
+
+        if ctx is None:
+            raise ConfigError(f"{given[0]} needs --ctx N: the tokens per sequence the memory must hold")
+        res = export_memory(model, kv_memory if kv_memory is not None else memory, ctx, output, n_seq=n_seq,
+                            scope="kv" if kv_memory is not None else "total", validate=not no_check,
+                            n_eval=eval_tokens, progress=not as_json, unit=unit, **kw)
+        if as_json:
+            _emit_json(res)
+        else:
+            _print_budget(res)
+        return
     if budget is not None:
         from .tune import export_budget
 
-        res = export_budget(model, budget, output, unit=unit, validate=not no_check, n_eval=eval_tokens,
-                            progress=not as_json,
-                            **_tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed,
-                                       cache_dir))
+        res = export_budget(model, budget, output, unit=unit or "nominal", validate=not no_check,
+                            n_eval=eval_tokens, progress=not as_json, **kw)
         if as_json:
             _emit_json(res)
         else:
@@ -258,7 +346,7 @@ def tune(model, output, types, backend, device, calib_file, calib_tokens, groups
 
     from .tune import report, tune as tune_fn
 
-    run = tune_fn(model, progress=not as_json, unit=unit,
+    run = tune_fn(model, progress=not as_json, unit=unit or "nominal",
                   **_tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, cache_dir))
     out = Path(output) if output else Path(model).with_suffix(".pareto.json")
     files = report(run, out)
@@ -274,6 +362,34 @@ def tune(model, output, types, backend, device, calib_file, calib_tokens, groups
     click.echo(f"  {'nominal':>8}{'storage':>8}{'KLD':>10}  config")
     for p in front:
         click.echo(f"  {p.bits_nominal:>8.2f}{p.bits_storage:>8.2f}{p.kld:>10.5f}  K {rle(p.type_k)} | V {rle(p.type_v)}")
+
+
+@main.command("plan")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--memory", help="memory for the whole context: weights + KV cache + the engine's compute and output "
+                               "buffers, as the engine reports them (6GiB, 512MiB, 8e9)")
+@click.option("--kv-memory", help="memory for the KV cache alone (2GiB)")
+@click.option("--ctx", type=int, help="tokens per sequence: with a memory, the most sequences that fit "
+                                      "(default: the longest context that fits, at --seqs)")
+@click.option("--seqs", "n_seq", default=1, show_default=True, help="parallel sequences, each with its own cache")
+@click.option("--types", help="uniform caches to list, comma-separated (default: the backend's candidate types)")
+@click.option("--backend", type=click.Choice(["cpu", "cuda", "metal"]), default="cpu", show_default=True,
+              help="decides the default types")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="where the search caches are "
+                                                                     "(default: .kvtuner-cache beside the model)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def plan_cmd(model, memory, kv_memory, ctx, n_seq, types, backend, cache_dir, as_json):
+    """Bytes per token, the KV cache (or whole context) at a length, the longest context or the most
+    sequences that fit a memory, and the expected quality: uniform caches and the searched front."""
+    from . import plan as plan_mod
+
+    res = plan_mod.plan(model, memory=memory, kv_memory=kv_memory, ctx=ctx, n_seq=n_seq,
+                        types=[t.strip() for t in types.split(",") if t.strip()] if types else None,
+                        backend=backend, cache_dir=cache_dir)
+    if as_json:
+        _emit_json(res)
+    else:
+        click.echo(plan_mod.table(res))
 
 
 @main.command("inspect")
@@ -296,8 +412,10 @@ def inspect_cmd(file, ctx, as_json):
                + (f" ({' and '.join(r['missing'])} absent: f16 there, as the engine does)" if r["missing"] else ""))
     click.echo(f"bits per element: {r['bits_nominal']:.2f} nominal, {r['bits_storage']:.2f} storage; "
                f"{r['kv_bytes_per_token']:.0f} B/token (f16: {r['kv_bytes_per_token_f16']:.0f})")
-    if ctx:
-        click.echo(f"KV cache at {ctx} tokens: {r['kv_bytes_at_ctx'] / 2**20:.2f} MiB")
+    if "kv_bytes_at_ctx" in r:
+        shape = f"{r['ctx']} tokens" + (f" x {r['n_seq']} sequences" if r["n_seq"] > 1 else "")
+        click.echo(f"KV cache at {shape}: {r['kv_bytes_at_ctx'] / 2**20:.2f} MiB"
+                   + (" (the context the file was fitted for, kvtuner.ctx)" if r.get("ctx_from_file") else ""))
     for k, v in r["kvtuner"].items():
         click.echo(f"  {_safe(k)} = {_safe(v)}")
 

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import ctypes
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 # Load llama.cpp's shared libraries before numpy: on the GPU machine a CUDA build segfaulted
-# inside libggml-cuda.so at the first model load whenever numpy had been imported first
-# (scripts/gpu_bisect.py variants I-K; llama_cpp imported first: fine). See the README, "GPU".
+# inside libggml-cuda.so at the first model load whenever numpy had been imported first (fixed in
+# the build since, -Wl,--exclude-libs,ALL: docs/DESIGN.md, "Build"; this order stays as a guard).
 try:
     import llama_cpp as _llama_cpp  # noqa: F401
 except ImportError:   # reported with a build hint by _bind()
@@ -42,8 +43,9 @@ _LOCK = threading.Lock()
 _LIB = None
 _LOG_CB = None                                     # our llama.cpp log callback (kept alive here)
 _ERRORS: collections.deque = collections.deque(maxlen=16)   # llama.cpp's latest error lines
+_CAPTURE: list[str] | None = None                  # while set (under _LOCK), every log line goes here too
 
-BUILD_HINT = "build and install the patched engine with `python native/build.py` (see the README)"
+BUILD_HINT = "build and install the patched engine with `kvtuner-edge engine build` (see the README)"
 
 
 def _bind():
@@ -91,11 +93,14 @@ def _install_log(llama_cpp) -> None:
     def cb(level, text, user_data):
         try:
             msg = (text or b"").decode("utf-8", "replace")
+            if _CAPTURE is not None:
+                _CAPTURE.append(msg)
             lvl = _logger.GGML_LOG_LEVEL_TO_LOGGING_LEVEL.get(level, logging.DEBUG) if level != 5 else last[0]
             if lvl >= logging.ERROR and msg.strip():
                 _ERRORS.append(msg.strip())
             last[0] = lvl
-            if _logger.logger.level <= lvl:
+            # a memory probe's contexts (plan: dozens, some past the trained length) stay quiet unless verbose
+            if _logger.logger.level <= lvl and (_CAPTURE is None or _logger.logger.level <= logging.DEBUG):
                 print(msg, end="", flush=True, file=sys.stderr)
         except Exception:   # noqa: BLE001 - a log line must never take the process down
             pass
@@ -311,6 +316,152 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
     return Model(llm, info, config)
 
 
+# --- memory: what the engine allocates for a model and a context, as it reports it (kvtuner_edge.plan) ---
+
+# llama.cpp's own report lines: "load_tensors:   CPU_Mapped model buffer size =    92.10 MiB",
+# "llama_context:        CPU  output buffer size =     0.19 MiB", "sched_reserve:        CPU compute buffer
+# size =    98.25 MiB" (llama-model.cpp, llama-context.cpp: two decimals of MiB)
+_BUFFER_LINE = re.compile(r"(\S+)\s+(model|output|compute|KV) buffer size =\s*([0-9.]+) MiB")
+
+
+@contextlib.contextmanager
+def _captured_log() -> Iterator[list[str]]:
+    """The engine's log lines written inside the block (the caller holds _LOCK)."""
+    global _CAPTURE
+    _bind()
+    lines: list[str] = []
+    _CAPTURE = lines
+    try:
+        yield lines
+    finally:
+        _CAPTURE = None
+
+
+def buffer_sizes(lines: Sequence[str]) -> dict[str, dict[str, int]]:
+    """{"model" | "output" | "compute" | "KV": {buffer name: bytes}} from the engine's log lines."""
+    out: dict[str, dict[str, int]] = {}
+    for m in _BUFFER_LINE.finditer("".join(lines)):
+        name, kind, mib = m.group(1), m.group(2), float(m.group(3))
+        out.setdefault(kind, {})
+        out[kind][name] = out[kind].get(name, 0) + round(mib * 2**20)
+    return out
+
+
+class MemoryProbe:
+    """The memory a model and its contexts take on the engine, as llama.cpp reports it.
+
+    Weights: one memory-mapped load of the file, the model buffers its loader reports (a CPU run
+    maps the file and may add a repacked copy of some weights: Gemma-3's Q4_K, CPU_REPACK).
+    Contexts: a second load with no_alloc (llama.cpp's own memory-fit mode: shapes only, nothing
+    allocated or read), so a context of any length is created in milliseconds; for each, the KV
+    cache bytes of every layer through llama_kvtuner_layer_bytes (what the cache tensors take,
+    exactly) and the compute and output buffers the context reserved, from its report lines
+    (two decimals of MiB). The contexts are those our own tools create: flash attention,
+    n_ubatch 512, one KV stream per sequence, window-sized sliding-window caches."""
+
+    def __init__(self, path: str | os.PathLike, n_ubatch: int = 512, verbose: bool | None = None):
+        _bind()
+        import llama_cpp.llama_cpp as ll
+        from llama_cpp import _logger
+
+        if verbose is None:
+            verbose = os.environ.get("KVTUNER_EDGE_VERBOSE", "0") not in ("", "0")
+        _logger.set_verbose(verbose)
+        self._ll = ll
+        self.path = Path(path)
+        self.info = model_info(path)
+        self.n_ubatch = n_ubatch
+        self.model = None
+        ll.llama_backend_init()
+        mp = ll.llama_model_default_params()
+        with _LOCK, _captured_log() as lines:
+            _ERRORS.clear()
+            real = ll.llama_model_load_from_file(str(path).encode(), mp)
+            if not real:
+                why = _engine_errors()
+                raise ModelFileError(f"{path}: the engine could not load this model" + (f": {why}" if why else ""))
+            ll.llama_model_free(real)
+        self.weights: dict[str, int] = buffer_sizes(lines).get("model", {})
+        mp.no_alloc = True
+        mp.load_mode = 0            # LLAMA_LOAD_MODE_NONE: the no_alloc pass maps nothing
+        with _LOCK, _captured_log():
+            _ERRORS.clear()
+            self.model = ll.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            why = _engine_errors()
+            raise ModelFileError(f"{path}: the engine could not load this model" + (f": {why}" if why else ""))
+        self.n_vocab = int(ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model)))
+
+    def close(self) -> None:
+        if self.model is not None:
+            self._ll.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "MemoryProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    def context(self, n_ctx_seq: int, n_seq: int = 1, *, config: CacheConfig | None = None,
+                spec: str | None = None, type_k: str | None = None, type_v: str | None = None) -> dict:
+        """What a context of n_seq sequences of n_ctx_seq tokens each takes. config/spec: per-layer
+        types (None: the file's own, as the engine reads them); type_k/type_v: one global type."""
+        ll = self._ll
+        if config is not None:
+            if spec is not None:
+                raise EngineError("give either a config or an override spec, not both")
+            config.validate(self.info)
+            spec = config.spec()
+        if n_ctx_seq < 1 or n_seq < 1:
+            raise ConfigError(f"a context needs at least one token and one sequence (got {n_ctx_seq} x {n_seq})")
+        if n_seq > int(ll.llama_max_parallel_sequences()):
+            raise ConfigError(f"{n_seq} sequences: the engine runs at most {int(ll.llama_max_parallel_sequences())}")
+        if n_ctx_seq * n_seq >= 2**32:
+            raise ConfigError(f"{n_ctx_seq} tokens x {n_seq} sequences is more cells than the engine counts (2^32)")
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = n_ctx_seq * n_seq
+        cp.n_seq_max = n_seq
+        cp.n_batch = cp.n_ubatch = self.n_ubatch
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cp.kv_unified = False
+        cp.swa_full = False
+        cp.no_perf = True
+        for key, name in (("type_k", type_k), ("type_v", type_v)):
+            if name:
+                try:
+                    setattr(cp, key, T.get(name).ggml_id)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+        with _override(spec), _captured_log() as lines:
+            _ERRORS.clear()
+            ctx = ll.llama_init_from_model(self.model, cp)
+            if not ctx:
+                err = last_error() or _engine_errors()
+                raise (ConfigError if last_error() else EngineError)(
+                    f"{self.path.name}: the engine refused a context of {n_seq} x {n_ctx_seq} tokens"
+                    + (f": {err}" if err else ""))
+        try:
+            layers = _layer_caches(ctx, self.info.n_layer)
+            got_seq = int(ll.llama_n_ctx_seq(ctx))
+        finally:
+            ll.llama_free(ctx)
+        sizes = buffer_sizes(lines)
+        out = {"n_ctx_seq": got_seq, "n_seq": n_seq,
+               "kv_bytes": sum(c.bytes_k + c.bytes_v for c in layers),
+               "type_k": [c.type_k for c in layers], "type_v": [c.type_v for c in layers],
+               "compute": sizes.get("compute", {}), "output": sizes.get("output", {})}
+        out["compute_bytes"] = sum(out["compute"].values())
+        out["output_bytes"] = sum(out["output"].values())
+        out["weight_bytes"] = self.weight_bytes
+        out["total_bytes"] = out["weight_bytes"] + out["kv_bytes"] + out["compute_bytes"] + out["output_bytes"]
+        return out
+
+
 # --- throughput runs: many sequences at once (kvtuner_edge.bench) ---------------------------------
 
 class BatchContext:
@@ -440,9 +591,11 @@ class BatchRunner:
 
     def context(self, n_seq: int, n_ctx_seq: int, *, spec: str | None = None, type_k: str | None = None,
                 type_v: str | None = None, n_batch: int = 2048, n_ubatch: int = 512,
-                flash_attn: bool = True) -> BatchContext:
+                flash_attn: bool = True, swa_full: bool = True) -> BatchContext:
         """A context of n_seq sequences of n_ctx_seq cells each. spec: the engine's per-layer override
-        (None: the file's own kvtuner types; "off": f16); type_k/type_v: one global type (wins)."""
+        (None: the file's own kvtuner types; "off": f16); type_k/type_v: one global type (wins).
+        swa_full: full-length caches for sliding-window layers (llama.cpp's context default, which
+        the throughput runs keep); False gives them window-sized ones, as plan counts them."""
         ll = self._ll
         _bind()
         cp = ll.llama_context_default_params()
@@ -453,6 +606,7 @@ class BatchRunner:
         cp.n_threads = cp.n_threads_batch = self.n_threads
         cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.kv_unified = False
+        cp.swa_full = swa_full
         cp.offload_kqv = True
         cp.no_perf = True
         for key, name in (("type_k", type_k), ("type_v", type_v)):

@@ -6,15 +6,11 @@ import os
 from .config import CacheConfig
 from .gguf_io import model_info
 
-SWA_PAD = 256  # llama.cpp pads the sliding-window cache to 256 cells (llama-kv-cache-iswa.cpp)
-
-
 def cache_cells(info, il: int, ctx: int, n_ubatch: int = 512) -> int:
-    """Cells llama.cpp allocates for layer il at context `ctx` (one sequence)."""
-    if info.swa_layers[il] and info.sliding_window:
-        cells = min(ctx, info.sliding_window + n_ubatch)
-        return min(ctx, (cells + SWA_PAD - 1) // SWA_PAD * SWA_PAD)
-    return ctx
+    """Cells llama.cpp allocates for layer il at context `ctx` (one sequence); see plan.layer_cells."""
+    from .plan import layer_cells
+
+    return layer_cells(info, ctx, 1, n_ubatch)[il]
 
 
 def inspect(path: str | os.PathLike, ctx: int | None = None) -> dict:
@@ -47,8 +43,21 @@ def inspect(path: str | os.PathLike, ctx: int | None = None) -> dict:
         "missing": [k for k, v in (("kvtuner.type_k", info.type_k), ("kvtuner.type_v", info.type_v))
                     if tuned and v is None],
     }
+    # a file fitted to a memory (export --kv-memory/--memory) records its context: its KV cache there by default
+    fit_ctx, fit_seq = info.metadata.get("kvtuner.ctx"), info.metadata.get("kvtuner.n_seq", 1)
+    n_seq = 1
+    if not ctx and _plain_int(fit_ctx) and 1 <= fit_ctx <= 2**31:
+        ctx = fit_ctx
+        n_seq = fit_seq if _plain_int(fit_seq) and 1 <= fit_seq <= 256 and fit_ctx * fit_seq <= 2**31 else 1
+        out["ctx_from_file"] = True
     if ctx:
+        from .plan import kv_bytes
+
         out["ctx"] = ctx
-        out["kv_bytes_at_ctx"] = sum(cache_cells(info, il, ctx) * sum(cfg.layer_bytes(info, il, 1))
-                                     for il in info.kv_layers)
+        out["n_seq"] = n_seq
+        out["kv_bytes_at_ctx"] = kv_bytes(info, cfg, ctx, n_seq)
     return out
+
+
+def _plain_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

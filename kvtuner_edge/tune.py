@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,16 +29,26 @@ HELDOUT_PROMPT = "Scientists studying the ocean have found"
 
 
 
-def _write_search(path: Path, result, baselines: list) -> None:
-    """The search cache file (front + baselines), written to a temporary file and renamed."""
+def _write_search(path: Path, result, baselines: list, meta: dict | None = None,
+                  engine_checks: dict | None = None) -> None:
+    """The search cache file (front + baselines; meta: which model, calibration and settings it belongs
+    to, which `plan` reads; engine_checks: the engine's KLD of configurations an export checked),
+    written to a temporary file and renamed."""
+    doc = {"result": result.to_json(), "baselines": baselines}
+    if meta is not None:
+        doc["meta"] = meta
+    if engine_checks:
+        doc["engine"] = engine_checks
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"result": result.to_json(), "baselines": baselines}))
+    tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
 
 
-def _read_search(path: Path, n_layer: int, n_groups: int, progress: bool):
+def _read_search(path: Path, n_layer: int, n_groups: int | None, progress: bool, extra: dict | None = None):
     """(Result, baselines) from a search cache file, or None when it is absent or unusable (truncated,
-    not JSON, another layout): such a file is never trusted, the search runs again and replaces it."""
+    not JSON, another layout): such a file is never trusted, the search runs again and replaces it.
+    extra, when given, receives the file's "meta" and "engine" records (absent in older files).
+    n_groups None: any number of layer groups (a reader that does not know the settings)."""
     from .search import Result
 
     if not path.exists():
@@ -46,6 +57,8 @@ def _read_search(path: Path, n_layer: int, n_groups: int, progress: bool):
         saved = json.loads(path.read_text())
         result = Result.from_json(saved["result"])
         baselines = saved["baselines"]
+        if n_groups is None:
+            n_groups = len(result.groups)
         ok = (bool(result.points) and len(result.groups) == n_groups
               and all(len(p.x) == n_groups and len(p.type_k) == n_layer and len(p.type_v) == n_layer
                       and isinstance(p.kld, float) and all(isinstance(t, str) for t in p.type_k + p.type_v)
@@ -56,6 +69,10 @@ def _read_search(path: Path, n_layer: int, n_groups: int, progress: bool):
     if not ok:
         _log(f"ignoring the unusable search cache {path.name}: searching again", progress)
         return None
+    if extra is not None:
+        meta, checks = saved.get("meta"), saved.get("engine")
+        extra["meta"] = meta if isinstance(meta, dict) else None
+        extra["engine"] = checks if isinstance(checks, dict) else {}
     return result, baselines
 
 
@@ -180,6 +197,101 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# the searches on disk (plan) -----------------------------------------------------------------------------
+
+def _search_dirs(path: Path, cache_dir: Path | None = None) -> list[Path]:
+    """The folders tune() may have written this model's search caches to (none is created)."""
+    if cache_dir is not None:
+        return [Path(cache_dir)]
+    dirs = [path.resolve().parent / ".kvtuner-cache",
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvtuner-edge" / "tune"]
+    return [d for d in dirs if d.is_dir()]
+
+
+def _legacy_meta(file: Path, result, path: Path, n_layer: int, profiles: dict) -> dict | None:
+    """A search cache written before the meta record: it belongs to this model when a profile of this
+    model's path in the same folder gives exactly its key (the key hashes the profile key, the
+    settings and the layer groups with their choices, see tune())."""
+    st = result.settings
+    for prof in profiles.values():
+        try:
+            if Path(prof["model"]).resolve() != path.resolve() or prof["n_layer"] != n_layer:
+                continue
+            pairs = [list(p) for p in prof["pairs"]]
+            # the choices were numpy integers, which the key's json.dumps(default=str) wrote as strings
+            choices = [[str(pairs.index(list(p))) for p in c] for c in result.choices]
+            for groups in range(len(result.groups), max(n_layer, len(result.groups)) + 1):
+                key = _key("search", prof["key"], st["unit"], groups, st["pop"], st["gens"], st["seed"], choices,
+                           result.groups, 2)
+                if file.name == f"search-{key}.json":
+                    return {"fingerprint": None, "model": str(path.resolve()), "profile_key": prof["key"],
+                            "backend": prof.get("backend", "cpu"),
+                            "types": list(dict.fromkeys(t for p in pairs for t in p)), "unit": st["unit"],
+                            "calibration": (prof.get("settings") or {}).get("source", "?"), "groups": groups,
+                            "pop": st["pop"], "gens": st["gens"], "seed": st["seed"], "legacy": True}
+        except (KeyError, TypeError, ValueError, OSError):
+            continue
+    return None
+
+
+def find_searches(model: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Every finished search of this model in its cache folders (the same file, by fingerprint):
+    [{"file", "meta", "result" (search.Result), "baselines", "engine" (spec -> engine check)}],
+    newest first. Unusable files are skipped, as tune() skips them."""
+    path = Path(model)
+    info = model_info(path)
+    fp = fingerprint(path)
+    found = []
+    for d in _search_dirs(path, Path(cache_dir) if cache_dir else None):
+        profiles: dict | None = None
+        for f in d.glob("search-*.json"):
+            if not re.fullmatch(r"search-[0-9a-f]{16}\.json", f.name):
+                continue          # checkpoints (.partial.json) and temporary files
+            extra: dict = {}
+            got = _read_search(f, info.n_layer, None, False, extra)
+            if got is None:
+                continue
+            result, baselines = got
+            meta = extra.get("meta")
+            if meta is not None:
+                if meta.get("fingerprint") != fp:
+                    continue
+            else:
+                if profiles is None:
+                    profiles = {}
+                    for pf in d.glob("profile-*.json"):
+                        try:
+                            profiles[pf.name] = json.loads(pf.read_text())
+                        except (OSError, ValueError):
+                            pass
+                meta = _legacy_meta(f, result, path, info.n_layer, profiles)
+                if meta is None:
+                    continue
+            found.append({"file": str(f), "meta": meta, "result": result, "baselines": baselines,
+                          "engine": extra.get("engine") or {}, "mtime": f.stat().st_mtime})
+    found.sort(key=lambda r: -r["mtime"])
+    return found
+
+
+def record_engine_checks(search_file: str | os.PathLike, checks: dict) -> None:
+    """Add engine measurements ({config spec: {"engine_kld", "floor_kld", "heldout", "ctx", ...}}) to
+    a search cache file, which `plan` prints beside the predictions (read, merge, rename)."""
+    f = Path(search_file)
+    try:
+        doc = json.loads(f.read_text())
+        if not isinstance(doc, dict) or "result" not in doc:
+            return
+        doc.setdefault("engine", {})
+        if not isinstance(doc["engine"], dict):
+            doc["engine"] = {}
+        doc["engine"].update(checks)
+        tmp = f.with_name(f.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, f)
+    except (OSError, ValueError):
+        pass          # a cache that cannot take the record loses nothing but the record
+
+
 # text --------------------------------------------------------------------------------------------------
 
 def generated_tokens(path: Path, n: int, prompt: str, seed: int, temperature: float = 0.8) -> list[int]:
@@ -238,6 +350,7 @@ class TuneRun:
     baselines: list[dict]
     files: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)          # the search cache's meta record (see _write_search)
 
 
 def _torch_device(device: str | None) -> str:
@@ -314,10 +427,23 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
             return kld_many(tm, tokens, configs, ref, pos)
 
     t1 = time.time()
-    cached = _read_search(final, info.n_layer, len(space.groups), progress)
+    saved: dict = {}
+    cached = _read_search(final, info.n_layer, len(space.groups), progress, saved)
+    # what `plan` needs to tell this model's searches from others' in a shared cache folder
+    meta = {"fingerprint": fp, "model": str(path.resolve()), "profile_key": pkey, "backend": backend,
+            "types": tlist, "unit": unit, "calibration": source, "groups": groups, "pop": pop, "gens": gens,
+            "seed": seed, "tool_version": __version__}
+    checks = saved.get("engine") or {}
     if cached is not None:
         result, baselines = cached
         _log(f"search results from the cache ({result.evaluations} configurations measured)", progress)
+        if saved.get("meta") is None:       # a file from before the meta record: add it (best effort)
+            try:
+                _write_search(final, result, baselines, meta, checks)
+            except OSError:
+                pass
+        else:
+            meta = saved["meta"]
     else:
         archive = _read_archive(partial, len(space.groups), progress)
 
@@ -351,7 +477,7 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
             baselines.append({"name": k if k == v else f"K {k} / V {v}", "type_k": k, "type_v": v,
                               "bits_nominal": nom, "bits_storage": sto, "kld": float(val)})
         cdir.mkdir(parents=True, exist_ok=True)
-        _write_search(final, result, baselines)
+        _write_search(final, result, baselines, meta)
         partial.unlink(missing_ok=True)
     done = {round(float(b), 6) for b in result.settings.get("refined", [])}
     todo = [round(float(b), 6) for b in dict.fromkeys(budgets) if round(float(b), 6) not in done]
@@ -364,12 +490,12 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
         settings = {**result.settings, "refined": sorted(done | set(todo))}
         result = result_of(space, archive, settings, {**result.seconds, "refine": time.time() - t1})
         _log(f"refinement measured {n_new} more configurations", progress)
-        _write_search(final, result, baselines)
+        _write_search(final, result, baselines, meta, checks)
     t_search = time.time() - t1
     return TuneRun(path, info, backend, ranges, tlist, pairs, source, prof, result, baselines,
                    files={"profile": str(cdir / f"profile-{pkey}.json"), "search": str(final)},
                    seconds={"load": t_load, "profile": sum(prof.seconds.values()), "search": t_search,
-                            "total": time.time() - t_start})
+                            "total": time.time() - t_start}, meta=meta)
 
 
 def report(run: TuneRun, out_json: Path, chosen=None) -> dict:
@@ -424,8 +550,7 @@ def export_budget(model: str | os.PathLike, budget: float, out: str | os.PathLik
     """Tune (cached), pick the lowest-KLD configuration within `budget` bits, export it with
     provenance, and measure it on the engine against uniform caches of nearby bits on held-out text."""
     from . import engine  # noqa: F401  (llama.cpp's libraries before numpy: see engine.py)
-    from . import evaluate as E
-    from .export import default_output, export
+    from .export import default_output
 
     path = Path(model)
     if unit not in ("nominal", "storage"):
@@ -443,6 +568,17 @@ def export_budget(model: str | os.PathLike, budget: float, out: str | os.PathLik
 
     run = tune(path, progress=progress, unit=unit, budgets=[budget], **tune_kw)
     chosen = pick_with_baselines(run, budget, unit, (lo, hi))
+    return _export_and_check(run, chosen, dst, budget, unit, {}, validate, n_eval, progress)
+
+
+def _export_and_check(run: TuneRun, chosen, dst: Path, budget: float, unit: str, extra_kv: dict,
+                      validate: bool, n_eval: int, progress: bool) -> dict:
+    """Write the pick with provenance, the front and plots; measure it on the engine against the three
+    uniform caches nearest in bits (recorded in the search cache for `plan`); the summary."""
+    from . import evaluate as E
+    from .export import export
+
+    path, info = run.model, run.info
     cfg = CacheConfig(tuple(chosen.type_k), tuple(chosen.type_v))
     extra = {
         "kvtuner.source": "search",
@@ -450,10 +586,11 @@ def export_budget(model: str | os.PathLike, budget: float, out: str | os.PathLik
         "kvtuner.budget_unit": unit,
         "kvtuner.predicted_kld": float(chosen.kld),
         "kvtuner.candidate_types": list(run.types),
-        "kvtuner.backend": backend,
+        "kvtuner.backend": run.backend,
         "kvtuner.calibration": run.calibration,
         "kvtuner.search": f"NSGA-II over {len(run.result.groups)} layer groups, "
                           f"{run.result.evaluations} configurations measured (torch KLD)",
+        **extra_kv,
     }
     export(path, cfg, dst, extra=extra)
     remove_stale_temps(dst.parent, f"{dst.stem}.*.tmp*")     # a killed run's front and plots
@@ -481,4 +618,138 @@ def export_budget(model: str | os.PathLike, budget: float, out: str | os.PathLik
                             "cache_bytes": r["cache_bytes"], "ctx": r["ctx"],
                             "engine_type_k": r["engine_type_k"], "engine_type_v": r["engine_type_v"]}
                            for name, r in res.items()]
+        record_engine_checks(run.files["search"], {
+            tests[row["cache"]][0].spec(): {"engine_kld": row["engine_kld"], "floor_kld": row["floor_kld"],
+                                            "top1": row["top1"], "ppl": row["ppl"], "heldout": src,
+                                            "ctx": row["ctx"], "time": time.time()}
+            for row in summary["rows"]})
+    return summary
+
+
+# memory budgets (export --kv-memory / --memory) ----------------------------------------------------------
+
+def memory_budget(info, memory: int, ctx: int, n_seq: int, scope: str, types: Sequence[str], backend: str,
+                  probe=None) -> dict:
+    """What a memory means for this model at ctx tokens x n_seq sequences: the bytes left for the KV
+    cache (scope "kv": all of it; "total": less the weights and the engine's buffers, measured on the
+    engine for the cheapest cache), the storage-bit budget a uniform cache of that size has (the
+    search refines there), and the smallest memory any per-layer choice of `types` fits in.
+    ConfigError naming that smallest memory when nothing fits."""
+    from .plan import elements_at, format_size, kv_bytes
+
+    pairs = candidate_pairs(types, backend)
+    cheapest = min(pairs, key=lambda p: T.get(p[0]).storage_bits + T.get(p[1]).storage_bits)
+    low = CacheConfig.uniform(info.n_layer, cheapest[0], cheapest[1])
+    kv_min = kv_bytes(info, low, ctx, n_seq)
+    shape = f"{ctx} tokens" + (f" x {n_seq} sequences" if n_seq > 1 else "")
+    if scope == "kv":
+        rest = 0
+        need = kv_min
+        what = "KV memory"
+    else:
+        t = probe.context(ctx, n_seq, config=low)
+        rest = t["total_bytes"] - t["kv_bytes"]
+        need = t["total_bytes"]
+        what = "memory"
+    if memory < need:
+        name = cheapest[0] if cheapest[0] == cheapest[1] else f"K {cheapest[0]} / V {cheapest[1]}"
+        detail = (f"its KV cache {format_size(kv_min, up=True)}" if scope == "kv" else
+                  f"weights {format_size(t['weight_bytes'])} + KV cache {format_size(kv_min, up=True)} + "
+                  f"compute and output buffers {format_size(t['compute_bytes'] + t['output_bytes'])}, "
+                  f"as the engine reports them")
+        raise ConfigError(f"{format_size(memory)} of {what} does not fit {shape} of {info.path.name} with any cache of "
+                          f"{', '.join(types)}: the smallest, {name} in every layer, needs {format_size(need, up=True)} "
+                          f"({need} bytes: {detail}); give at least that, a shorter --ctx or fewer --seqs")
+    kv_budget = memory - rest
+    bits = 8.0 * kv_budget / elements_at(info, ctx, n_seq)
+    return {"kv_budget": kv_budget, "bits": bits, "min_memory": need, "rest": rest, "cheapest": list(cheapest)}
+
+
+def pick_within_memory(run: TuneRun, memory: int, ctx: int, n_seq: int, scope: str, probe=None):
+    """The lowest-KLD configuration the search measured (uniform baselines included) whose KV cache at
+    ctx x n_seq, as the engine allocates it, fits `memory` (scope "kv"), or whose whole context does,
+    weights and the engine's buffers included (scope "total", each candidate's measured on the engine).
+    Returns (Point, its memory figures)."""
+    from .plan import kv_bytes
+    from .search import Point, SearchError
+
+    info = run.info
+    n = info.n_layer
+    cands = list(run.result.points) + [
+        Point([], [b["type_k"]] * n, [b["type_v"]] * n, b["bits_nominal"], b["bits_storage"], b["kld"], b["kld"])
+        for b in run.baselines]
+    seen = set()
+    scored = []
+    for p in cands:
+        cfg = CacheConfig(tuple(p.type_k), tuple(p.type_v))
+        spec = cfg.spec()
+        if spec in seen:
+            continue
+        seen.add(spec)
+        scored.append((p.kld, kv_bytes(info, cfg, ctx, n_seq), p, cfg))
+    scored.sort(key=lambda v: (v[0], v[1]))
+    for kld, kv, p, cfg in scored:
+        if kv > memory:
+            continue
+        if scope == "kv":
+            return p, {"kv_bytes": kv}
+        t = probe.context(ctx, n_seq, config=cfg)
+        if t["total_bytes"] <= memory:
+            return p, {"kv_bytes": t["kv_bytes"], "total_bytes": t["total_bytes"], "weight_bytes": t["weight_bytes"],
+                       "compute_bytes": t["compute_bytes"], "output_bytes": t["output_bytes"]}
+    raise SearchError(f"no configuration the search measured fits {memory} bytes at {ctx} tokens x {n_seq}")
+
+
+def export_memory(model: str | os.PathLike, memory: int | str, ctx: int, out: str | os.PathLike | None = None, *,
+                  n_seq: int = 1, scope: str = "kv", validate: bool = True, n_eval: int = 1024,
+                  progress: bool = True, **tune_kw) -> dict:
+    """export --kv-memory / --memory: the storage-bit budget derived from the memory at ctx tokens x
+    n_seq sequences, the search refined there (storage bits, cached), and the lowest-KLD configuration
+    whose cache (scope "kv") or whole context (scope "total": weights + KV + the engine's compute and
+    output buffers, as the engine reports them) fits; the file records the context it was fitted for
+    (kvtuner.ctx, kvtuner.n_seq, kvtuner.memory, kvtuner.memory_scope, kvtuner.kv_bytes_at_ctx)."""
+    from . import engine
+    from .export import default_output
+    from .plan import MAX_CELLS, MAX_SEQ, format_size, parse_size
+
+    path = Path(model)
+    if scope not in ("kv", "total"):
+        raise ConfigError(f"memory scope must be kv or total, got {scope!r}")
+    mem = parse_size(memory, "--kv-memory" if scope == "kv" else "--memory")
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
+        raise ConfigError(f"--ctx must be a positive number of tokens, got {ctx!r}")
+    if not 1 <= n_seq <= MAX_SEQ:
+        raise ConfigError(f"--seqs must be 1 to {MAX_SEQ} (the engine's limit), got {n_seq}")
+    if ctx * n_seq > MAX_CELLS:
+        raise ConfigError(f"{ctx} tokens x {n_seq} sequences is more than the engine's {MAX_CELLS} cells")
+    if tune_kw.pop("unit", None) not in (None, "storage"):
+        raise ConfigError("a memory budget counts bytes, which storage bits measure: --budget-unit nominal does "
+                          "not apply to --kv-memory or --memory")
+    info = model_info(path)
+    if not info.kv_layers:
+        raise ConfigError(f"{path.name}: the {info.arch} model has no KV cache layers to tune")
+    backend = tune_kw.get("backend", "cpu")
+    tlist = candidate_types(info, backend, tune_kw.get("types"))
+    lo, hi = feasible_range(info, candidate_pairs(tlist, backend), "storage")
+    dst = Path(out) if out is not None else default_output(path)
+    read_header(path)
+    check_output(path, dst)
+    probe = engine.MemoryProbe(path) if scope == "total" else None
+    try:
+        mb = memory_budget(info, mem, ctx, n_seq, scope, tlist, backend, probe)
+        budget = round(min(max(mb["bits"], lo), hi), 6)
+        shape = f"{ctx} tokens" + (f" x {n_seq} sequences" if n_seq > 1 else "")
+        _log(f"{format_size(mem)} at {shape}: {format_size(mb['kv_budget'])} for the KV cache, "
+             f"{mb['bits']:.3f} storage bits per element as a uniform cache; searching there", progress)
+        run = tune(path, progress=progress, unit="storage", budgets=[budget], **tune_kw)
+        chosen, fit = pick_within_memory(run, mem, ctx, n_seq, scope, probe)
+    finally:
+        if probe is not None:
+            probe.close()
+    extra = {"kvtuner.ctx": int(ctx), "kvtuner.n_seq": int(n_seq), "kvtuner.memory": int(mem),
+             "kvtuner.memory_scope": "kv cache" if scope == "kv" else "weights + kv cache + engine buffers",
+             "kvtuner.kv_bytes_at_ctx": int(fit["kv_bytes"])}
+    summary = _export_and_check(run, chosen, dst, budget, "storage", extra, validate, n_eval, progress)
+    summary["memory"] = {"memory": mem, "scope": scope, "ctx": ctx, "n_seq": n_seq, "kv_budget": mb["kv_budget"],
+                         "bits_budget": mb["bits"], "min_memory": mb["min_memory"], **fit}
     return summary

@@ -8,14 +8,18 @@
     python native/build.py --write-archive out.tar.xz   # trimmed source for a machine without network
     python native/build.py --source out.tar.xz --no-build-isolation --variant cuda
 
+The same as `kvtuner-edge engine build [options]`: this file is installed with the package
+(kvtuner_edge/native/build.py beside kvtuner_edge/patches/), so a `pip install` of the project
+builds its engine the same way; run from a clone it reads the clone's patches/ and native/.
+
 Steps: fetch the pinned llama-cpp-python sdist from PyPI and check its sha256; unpack it; copy
 our own sources (native/kvtuner/) into vendor/llama.cpp/src; apply patches/*.patch in order
 (a patch that does not apply stops the build and is named); build a wheel with pip
 (scikit-build-core) in a work folder that survives an interruption (a second run resumes the
-compile); cache it under $KVTUNER_EDGE_CACHE (default ~/.cache/kvtuner-edge) keyed
-by sdist hash + patches and sources hash + cmake args; install it.  A second run with the same
-key only installs the cached wheel.  Standard library only: it runs before the package's own
-dependencies exist.
+compile), printing the compile's progress; cache it under $KVTUNER_EDGE_CACHE (default
+~/.cache/kvtuner-edge) keyed by sdist hash + patches and sources hash + cmake args; install it
+with its own runtime requirements.  A second run with the same key only installs the cached
+wheel.  Standard library only: it runs before the package's own dependencies exist.
 """
 from __future__ import annotations
 
@@ -26,12 +30,14 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 SDIST_NAME = "llama-cpp-python"
@@ -269,30 +275,87 @@ def build_lock(variant: str, key: str):
         yield
 
 
+_STEP = re.compile(r"^\s*\[(\d+)/(\d+)\]")
+
+
+def run_with_progress(cmd: list[str], env: dict, what: str) -> int:
+    """Run a build command, printing its compile progress (ninja's [n/N] steps) as one line per 5%
+    instead of its whole output, and the end of the output when it fails.
+    KVTUNER_EDGE_BUILD_VERBOSE=1 prints everything."""
+    if os.environ.get("KVTUNER_EDGE_BUILD_VERBOSE", "0") not in ("", "0"):
+        return subprocess.run(cmd, env=env).returncode
+    tail: list[str] = []
+    t0 = time.time()
+    shown = -5
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", bufsize=1) as proc:
+        for line in proc.stdout:
+            tail.append(line)
+            del tail[:-80]
+            m = _STEP.match(line)
+            if m:
+                done, total = int(m.group(1)), int(m.group(2))
+                pct = 100 * done // max(total, 1)
+                if pct >= shown + 5 or done == total:
+                    shown = pct
+                    log(f"{what}: {done}/{total} build steps ({pct}%), {time.time() - t0:.0f} s")
+        rc = proc.wait()
+    if rc != 0:
+        sys.stdout.write("".join(tail))
+        sys.stdout.flush()
+    return rc
+
+
+def wheel_requirements(wheel: Path) -> list[str]:
+    """The wheel's own runtime requirements: its METADATA's Requires-Dist lines without an extra."""
+    with zipfile.ZipFile(wheel) as z:
+        meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None)
+        text = z.read(meta).decode("utf-8", "replace") if meta else ""
+    return [line.split(":", 1)[1].strip() for line in text.splitlines()
+            if line.startswith("Requires-Dist:") and not re.search(r";.*\bextra\s*==", line)]
+
+
+def wheel_is_complete(wheel: Path) -> bool:
+    """An engine wheel holds its shared libraries inside the package (llama_cpp/lib/libllama.*); two
+    builds in one work folder once produced a wheel with them only under lib/ (llama_cpp cannot load that)."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            return any(re.match(r"llama_cpp/lib/(lib)?llama\.(so|dylib|dll)", n) for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _build_locked(variant, key, args, source, key_src, wheel_dir, isolation, jobs, keep_build) -> list[Path]:
     wheels = sorted(wheel_dir.glob("*.whl"))
-    if wheels:
+    if wheels and wheel_is_complete(wheels[0]):
         log(f"cached wheel {wheels[0]} (key {key})")
         return wheels
+    for w in wheels:
+        log(f"the cached {w} has no llama_cpp/lib: building it again")
+        w.unlink()
     # a persistent work folder per key: an interrupted build resumes where ninja stopped
     work = cache_root() / "build" / f"{variant}-{key}"
     top = prepare_source(source, work)
     log(f"building the {variant} engine (key {key}) in {work}; cmake args: {' '.join(args)}")
+    log("the first build of a key takes 5 to 25 minutes (16 to 2 cores); its wheel is cached, later runs take seconds")
     t0 = time.time()
     out = work / "wheel"
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, CMAKE_ARGS=" ".join(args), CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out),
+    cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(out),
            "--config-settings", f"build-dir={work / 'cmake'}", str(top)]
     if not isolation:
         cmd.insert(4, "--no-build-isolation")
-    r = subprocess.run(cmd, env=env)
-    if r.returncode != 0:
-        raise BuildError(f"the wheel build failed (exit {r.returncode}); see the compiler output above. "
+    rc = run_with_progress(cmd, env, f"{variant} engine")
+    if rc != 0:
+        raise BuildError(f"the wheel build failed (exit {rc}); the end of its output is above. "
                          f"Run the same command again to resume it.")
     built = sorted(out.glob("*.whl"))
     if not built:
         raise BuildError("pip wheel produced no wheel")
+    if not wheel_is_complete(built[0]):
+        raise BuildError(f"{built[0]} has no llama_cpp/lib: the build folder {work} is damaged; delete it and "
+                         f"run the same command again")
     wheel_dir.mkdir(parents=True, exist_ok=True)
     tmp_dest = wheel_dir / (built[0].name + ".part")
     shutil.copy2(built[0], tmp_dest)
@@ -313,11 +376,15 @@ def build(variant: str, cuda_arch: str, source: Path | None, isolation: bool,
     with build_lock(variant, key):
         wheels = _build_locked(variant, key, args, source, key_src, wheel_dir, isolation, jobs, keep_build)
     if install:
+        log(f"installing {wheels[0].name} into {sys.prefix}")
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheels[0])],
                        check=True)
-        # llama-cpp-python's own small runtime dependencies
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "typing-extensions>=4.5.0", "diskcache>=5.6.1",
-                        "jinja2>=2.11.3"], check=True)
+        # then llama-cpp-python's own runtime requirements, read from the wheel: numpy is one, and on a fresh
+        # venv a list without it made pip print "llama-cpp-python 0.3.36 requires numpy>=1.20.0, which is not
+        # installed"
+        reqs = wheel_requirements(wheels[0])
+        if reqs:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", *reqs], check=True)
         log(f"installed {wheels[0].name} into {sys.prefix}")
     return wheels[0]
 

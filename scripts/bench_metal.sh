@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Apple Silicon: build the patched engine with Metal and run `kvtuner-edge bench` (NOT run by the
-# project so far: no Mac here; see the README, "Throughput"). Usage, from the repository root:
+# project so far: no Mac here; see docs/results/throughput.md). Usage, from the repository root:
 #   bash scripts/bench_metal.sh [MODEL.gguf]
 # Without a model it writes a random-weight GGUF of Llama-3-8B's shape (4.3 GiB; speed does not depend
 # on weight values) and a KVTuner mix resampled to it with Metal's types (scripts/make_bench_configs.py:

@@ -12,15 +12,10 @@
 # Carry [".carry"] (scripts/prepare_carry.sh). Results land in $OUT.
 set -uo pipefail
 STAGE=${1:?stage1, stage2 or stage3}
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/kvtuner-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 KVTUNER_EDGE_CACHE=/root/kvtuner-cache
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/wheels/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD
+source "$(dirname "$0")/gpu_env.sh"
 M8=/root/llama3-8b-random.gguf
 CFG=/root/bench-cfg
 if [ "$STAGE" = stage1 ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
   PAIRS=$(python3 scripts/make_bench_configs.py --layers 32 --backend cuda --out-dir "$CFG" 2> "$OUT/configs.txt")
   cat "$OUT/configs.txt"
   FA="q8_0-q8_0,q4_0-q4_0,q8_0-q4_0,$PAIRS"

@@ -21,16 +21,12 @@
 # Carry [".carry"]. Results land in $OUT.
 set -uo pipefail
 STAGE=${1:?kernel or bench}
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/kvtuner-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-SITE=/tmp/site
+source "$(dirname "$0")/gpu_env.sh"
 if [ "$STAGE" = build ]; then
   # no engine carried: build the CUDA engine on this machine (5-7 min on 16 cores) from the trimmed source
   # (.carry/llama-src.tar.xz, scripts/prepare_carry.sh) with the working tree's patches, install it into
   # $SITE, link test-backend-ops and cuda_kvquant_exact against it into .carry/ (kept while the machine
   # stays warm; the package, 50 MiB as tar.xz, is over what comes back from a call)
-  export KVTUNER_EDGE_CACHE=/root/kvtuner-cache
   FA=${FA_QUANTS:-q8_0-q8_0,q4_0-q4_0,q8_0-q4_0,q3_kv-q2_kv,q3_kv-q3_kv,q4_0-q3_kv,q4_1-q3_kv,q5_0-q4_0,q5_1-q3_kv,q5_1-q4_1}
   t0=$(date +%s)
   python3 native/build.py --variant cuda --cuda-arch "${CUDA_ARCH:-90}" --fa-quants "$FA" --source .carry/llama-src.tar.xz \
@@ -65,12 +61,10 @@ if [ "$STAGE" = build ]; then
   echo "tools linked, total $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
   exit 0
 fi
+# the engine built on the CPU machine (scripts/prepare_carry_engine.sh), or by the build stage above
 if [ ! -d "$SITE/llama_cpp" ]; then
-  mkdir -p "$SITE"
   tar -xJf .carry/engine.tar.xz -C "$SITE" || exit 3
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .carry/wheels/*.whl 2>/dev/null
 fi
-export PYTHONPATH=$SITE:$PWD
 LIB=$SITE/llama_cpp/lib
 # the CUDA runtime and cuBLAS the carried libraries link against (the machine's toolkit or torch's wheels)
 for so in libcudart.so.13 libcublas.so.13; do

@@ -1,12 +1,7 @@
-# Sourced by the scripts/gpu_*.sh drivers on the lent GPU machine (no network): install the
-# carried wheels, build (or reuse) the CUDA engine from the trimmed source archive, install it,
-# and write the random-weight test model. Sets OUT, PYTHONPATH and MODEL.
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-/tmp/kvtuner-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 KVTUNER_EDGE_CACHE=/root/kvtuner-cache
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/wheels/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# Sourced by the scripts/gpu_*.sh drivers that build their engine on the lent GPU machine: the shared
+# environment (gpu_env.sh), then the CUDA engine built (or reused) from the trimmed source archive and
+# installed, and the random-weight test model written. Sets OUT, PYTHONPATH and MODEL.
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 t0=$(date +%s)
 python3 native/build.py --variant cuda --cuda-arch "${CUDA_ARCH:-90}" --source .carry/llama-src.tar.xz \
     --no-build-isolation --no-install --jobs "$(nproc)" --print-wheel > "$OUT/build.log" 2>&1 \

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Calibration + search on the GPU machine (torch on CUDA), in two consecutive calls because the
 # real SmolLM2 GGUF only fits the carry limit in halves (scripts/prepare_carry.sh --model-halves):
-#   stage1 (carry [".carry", ".carry-a"]): build the CUDA engine, stash the first half, diagnose
-#          the numpy-before-llama_cpp crash (scripts/gpu_numpy_crash.sh);
+#   stage1 (carry [".carry", ".carry-a"]): build the CUDA engine, stash the first half;
 #   stage2 (carry [".carry", ".carry-b"], while the machine is still warm): join the halves, check
 #          the sha256, then `export --budget` with torch on CUDA, for a CPU and for a CUDA deployment.
 set -uo pipefail
@@ -14,7 +13,7 @@ if [ "$STAGE" = random ]; then
   # load that crashed, and export --budget with torch on CUDA on the random-weight SmolLM2 shape
   LIB=/tmp/site/llama_cpp/lib
   echo "libggml-cuda exports of libstdc++ internals: $(nm -D --defined-only $LIB/libggml-cuda.so | grep -c -E 'St7codecvt|_M_insert')" | tee "$OUT/symbols.txt"
-  timeout 60 python3 scripts/gpu_bisect.py "$MODEL" I > /tmp/I.log 2>&1; echo "numpy first, variant I: rc=$?" | tee -a "$OUT/symbols.txt"
+  timeout 60 python3 -c "import numpy, llama_cpp; llama_cpp.Llama('$MODEL', n_gpu_layers=99, n_ctx=512, verbose=False); print('ok')" > /tmp/I.log 2>&1; echo "numpy first: rc=$?" | tee -a "$OUT/symbols.txt"
   timeout 60 python3 -c "import torch, llama_cpp; llama_cpp.Llama('$MODEL', n_gpu_layers=99, n_ctx=512, verbose=False); print('ok')" > /tmp/T.log 2>&1; echo "torch first: rc=$?" | tee -a "$OUT/symbols.txt"
   /usr/bin/time -f "export --budget 5.0 storage on the random-weight SmolLM2 shape, torch cuda: %e s wall" \
     python3 -m kvtuner_edge export "$MODEL" --budget 5.0 --budget-unit storage --device cuda \
@@ -22,7 +21,6 @@ if [ "$STAGE" = random ]; then
   tail -n 3 /tmp/export_random.err | tee -a "$OUT/timing.txt"
 elif [ "$STAGE" = stage1 ]; then
   cp .carry-a/model.part /root/model.part.a
-  bash scripts/gpu_numpy_crash.sh 2>&1 | tee "$OUT/numpy_crash.txt"
 else
   [ -f /root/model.part.a ] || { echo "stage1's half is gone (the machine went cold): run stage1 again"; exit 2; }
   cat /root/model.part.a .carry-b/model.part > "$REAL"

@@ -1,6 +1,6 @@
 """`kvtuner-edge bench` on the real engine (CPU): structure, memory accounting, budgets, resume, errors.
 
-Speed goals live in scripts/gpu_bench.sh (figures in the README); here only what must hold on any
+Speed goals live in scripts/gpu_bench.sh (figures in docs/results/throughput.md); here only what must hold on any
 machine: the f16 reference is 1.0 of itself, KV bytes follow the types' storage bits, the budget run
 fits its budget, results resume, bad input is refused clearly."""
 from __future__ import annotations

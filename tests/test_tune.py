@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -13,7 +12,7 @@ from kvtuner_edge import engine
 from kvtuner_edge.cli import main
 from kvtuner_edge.gguf_io import read_header
 
-SMALL = ["--calib-tokens", 128, "--types", "q8_0,q4_0", "--groups", 4, "--pop", 8, "--gens", 1]
+from conftest import SMALL  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def run(*args):
@@ -21,11 +20,8 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def work(smollm2, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tune")
-    model = d / "smol.gguf"
-    os.link(smollm2, model) if os.stat(smollm2).st_dev == os.stat(d).st_dev else shutil.copy(smollm2, model)
-    return model
+def work(smol_work):
+    return smol_work      # shared with test_plan.py: one profile per session
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +100,7 @@ def test_bad_inputs_are_refused_before_any_work(work, tmp_path):
         (["--budget", 5, "--types", "q9_9"], "unknown cache type 'q9_9'"),
         (["--budget", 5, "-o", tmp_path / "missing" / "x.gguf"], "output folder does not exist"),
         (["--budget", 5, "-o", work], "refusing to overwrite the input model"),
-        ([], "give either --budget B"),
+        ([], "give one of --budget B"),
     ]
     for extra, message in cases:
         r = run("export", work, *extra)
