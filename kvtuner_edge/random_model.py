@@ -23,6 +23,8 @@ SHAPES = {
     "smollm2-135m": (576, 30, 9, 3, 1536, 49152, 100000.0, 8192),
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256, 500000.0, 8192),
     "llama3.2-1b": (2048, 16, 32, 8, 8192, 128256, 500000.0, 8192),  # head size 64, GQA 4
+    # Qwen2.5-32B's shape (64 layers, 8 KV heads of 128) written as a llama model (no biases)
+    "qwen2.5-32b": (5120, 64, 40, 8, 27648, 152064, 1000000.0, 8192),
     "tiny": (256, 4, 4, 2, 512, 4096, 10000.0, 4096),
     # head size 48: block-32 cache types cannot divide it (tests of the refusals)
     "tiny-head48": (192, 4, 4, 2, 512, 4096, 10000.0, 4096),

@@ -162,3 +162,47 @@ def test_unsupported_weight_type_is_named(tmp_path):
         TorchModel(p)
     with pytest.raises(CalibrationError, match="weights must be torch or gguf-py"):
         TorchModel(p, weights="numpy")
+
+
+def test_plan_honours_the_limit(smollm2):
+    """For limits from the smallest accepted to everything: what the plan holds (quantised
+    weights, resident float32 matrices, the per-use cache, output rows, small tensors, the
+    activation reserve) stays within the limit, and a forward pass keeps the per-use cache
+    within its cap. The more memory, the more layers resident, never fewer."""
+    probe = TorchModel(smollm2, max_memory="1TiB", workload=WORKLOAD)
+    lo, hi = probe.plan["minimum"], probe.plan["everything"]
+    del probe
+    toks = list(range(100, 100 + N_TOK))
+    last = -1
+    for limit in np.linspace(lo, hi, 5).astype(int):
+        m = TorchModel(smollm2, max_memory=int(limit), workload=WORKLOAD)
+        p = m.plan
+        out_rows = 0 if p["output_resident"] else min(p["output_bytes"], 64 << 20)
+        held = p["raw_bytes"] + m._small_bytes + p["reserve"] + p["resident_bytes"] + p["recent_cap"] + out_rows
+        assert held <= limit, (limit, p)
+        assert sum(4 * t.numel() for t in m._resident.values()) == p["resident_bytes"]
+        assert len(p["resident_layers"]) + p["output_resident"] >= last
+        last = len(p["resident_layers"]) + p["output_resident"]
+        with torch.inference_mode():
+            m.forward(toks)
+        assert m._recent_bytes <= p["recent_cap"]
+    assert last == m.n_layer + 1                 # at `everything`, all resident
+    with pytest.raises(CalibrationError, match="is below what calibration needs here"):
+        TorchModel(smollm2, max_memory=int(lo) - 1, workload=WORKLOAD)
+
+
+def test_kld_in_chunks_is_bit_exact(smollm2):
+    """kld() works a few positions at a time to bound its float64 temporaries; on the CPU that
+    gives the whole-tensor numbers bit for bit (real logits of SmolLM2, 49k vocabulary)."""
+    from kvtuner_edge.calibrate.model import kld, log_probs
+
+    m = TorchModel(smollm2, max_memory="1TiB", workload=WORKLOAD)
+    toks = _tokens(smollm2, N_TOK)
+    with torch.inference_mode():
+        ref = log_probs(m.forward(toks))
+        test = m.forward(toks, None) + torch.randn(len(toks), m._matrices[m._out_name].shape[0]) * 0.3
+        whole = kld(ref, test, rows=10**9)
+        for rows in (1, 2, 7, 32):
+            assert torch.equal(kld(ref, test, rows=rows), whole), rows
+        for n in (1, 2, 33):                    # a lone last row is merged into the one before
+            assert torch.equal(kld(ref[:n], test[:n], rows=32), kld(ref[:n], test[:n], rows=10**9)), n

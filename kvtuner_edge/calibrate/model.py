@@ -81,6 +81,7 @@ def _rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 OUTPUT_CHUNK = 64 << 20        # bytes of float32 output rows dequantised per step when the output is not resident
 MIN_MARGIN = 1 << 30           # the default limit leaves this much (or 10%) of what is free
+KLD_ROWS = 32                  # positions per step of kld()
 
 
 @dataclass
@@ -332,17 +333,24 @@ class TorchModel:
     # weights ---------------------------------------------------------------------------------
 
     def activation_bytes(self, n_tok: int, batch: int, n_pos: int) -> int:
-        """An upper estimate of the activations of a calibration: every layer's stored input and
-        attention output (the profile), plus the widest batched layer or the logits stage."""
+        """An upper estimate of the activations of a calibration of `n_tok` tokens, `batch`
+        configurations per batched pass and `n_pos` scored positions: every layer's stored input and
+        attention output and the reference log-probabilities (the profile keeps them), plus the
+        larger of the widest batched layer and the logits stage (one configuration's logits, kld()'s
+        float64 rows, the output rows being dequantised). It counts every tensor a step may hold at
+        once; measured on a Llama-3.2-1B shape at 512 tokens and 10 configurations, the real growth
+        of the resident set was 0.75 of it (scripts/bench_calib_memory.py)."""
         T, B, L, D = n_tok, max(batch, 1), self.n_layer, self.n_embd
         H, Hkv = max(self.n_head), max(self.n_head_kv)
         dk, dv = max(self.head_k), max(self.head_v)
         F = max(self._matrices[lw.names["ffn_up"]].shape[0] for lw in self.layers)
         V = self._matrices[self._out_name].shape[0]
-        scores = (3 if self.device.type == "cpu" else 1) * B * H * T * T   # CPU: the math SDPA keeps T x T scores
-        layer = B * T * (6 * D + 3 * H * max(dk, dv) + 6 * Hkv * max(dk, dv)) + scores + 4 * B * T * F
-        logits = n_pos * V * 11         # float32 logits, float64 log-softmax, KL terms, the reference
-        return int(1.2 * 4 * (2 * L * T * D + max(layer, logits)))
+        # scores: CUDA's SDPA and the CPU's below the tiled kernel's size keep T x T of them
+        scores = 3 * B * H * T * T if (self.device.type != "cpu" or T < CPU_FA_TILE_Q) else B * H * T * CPU_FA_TILE_Q
+        layer = 4 * (B * T * (8 * D + 4 * H * max(dk, dv) + 8 * Hkv * max(dk, dv) + 2 * F) + scores)
+        logits = 4 * n_pos * V + 8 * 5 * KLD_ROWS * V + min(4 * V * D, OUTPUT_CHUNK)
+        stored = 4 * 2 * L * T * D + 8 * n_pos * V
+        return int(stored + max(layer, logits))
 
     def _plan(self, max_memory, workload) -> None:
         """Decide where the raw bytes live and which float32 matrices stay resident (see the class doc)."""
@@ -389,13 +397,11 @@ class TorchModel:
             self._release(list(self._matrices))          # the host copy is no longer read
         self._recent_cap = cap
         self._out_resident = out_resident
-        for il in resident_layers:
-            for n in layer_names[il]:
-                self._resident[n] = self._dequant(self._matrices[n])
-        if out_resident:
-            self._resident[self._out_name] = self._dequant(out)
-        if self.device.type == "cpu":
-            self._release(list(self._resident))          # their bytes in the mapping are not read again
+        keep = [n for il in resident_layers for n in layer_names[il]] + ([self._out_name] if out_resident else [])
+        for n in keep:
+            self._resident[n] = self._dequant(self._matrices[n])
+            if self.device.type == "cpu":
+                self._release([n])          # its bytes in the mapping are not read again (nor held twice)
         self.stats = {"dequantised": 0, "dequantised_bytes": 0, "dequant_seconds": 0.0}
         self.plan = {"mode": "torch", "limit": limit, "reserve": reserve, "raw_on": raw_on, "raw_bytes": raw_all,
                      "resident_layers": resident_layers, "output_resident": out_resident, "recent_cap": cap,
@@ -625,8 +631,11 @@ class TorchModel:
         x = self._norm(h, lw.ffn_norm)
         g = self._mm(x, self._lw(il, "ffn_gate"), lw.types["ffn_gate"])
         u = self._mm(x, self._lw(il, "ffn_up"), lw.types["ffn_up"])
-        act = F.gelu(g, approximate="tanh") if self.arch == "gemma3" else F.silu(g)
-        f = self._mm(act * u, self._lw(il, "ffn_down"), lw.types["ffn_down"])
+        # in place (the same values): two tensors of the FFN's width alive, not four
+        act = torch.ops.aten.gelu_(g, approximate="tanh") if self.arch == "gemma3" else F.silu(g, inplace=True)
+        act.mul_(u)
+        del u
+        f = self._mm(act, self._lw(il, "ffn_down"), lw.types["ffn_down"])
         if lw.post_ffn_norm is not None:
             f = self._norm(f, lw.post_ffn_norm)
         return h + f
@@ -700,7 +709,22 @@ def kld_many(model: TorchModel, tokens: Sequence[int], configs, ref_logp: torch.
     return [float(kld(ref_logp, model.logits(h[b], positions)).mean()) for b in range(len(configs))]
 
 
-def kld(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(ref || test) per position; ref given as log-probabilities (float64)."""
-    lq = torch.log_softmax(logits.double(), dim=-1)
-    return (ref_logp.exp() * (ref_logp - lq)).sum(-1).clamp_min(0.0)
+def kld(ref_logp: torch.Tensor, logits: torch.Tensor, rows: int = KLD_ROWS) -> torch.Tensor:
+    """KL(ref || test) per position; ref given as log-probabilities (float64). Computed `rows`
+    positions at a time (at least two: torch's CPU sum of a lone row splits it over threads):
+    every position is its own row reduction, so on the CPU the chunks give the numbers of one
+    whole-tensor pass bit for bit (tests/test_calib_memory.py; on CUDA to float64 rounding), with
+    float64 temporaries of `rows` x vocabulary instead of
+    positions x vocabulary (1.2 GB for 256 positions of a 128k vocabulary)."""
+    if logits.dim() != 2 or logits.shape[0] <= rows:
+        lq = torch.log_softmax(logits.double(), dim=-1)
+        return (ref_logp.exp() * (ref_logp - lq)).sum(-1).clamp_min(0.0)
+    n = logits.shape[0]
+    bounds = list(range(0, n, max(rows, 2))) + [n]
+    if bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]          # torch reduces a lone row another way (split over threads): never one alone
+    out = torch.empty(n, dtype=torch.float64, device=logits.device)
+    for i, j in zip(bounds, bounds[1:]):
+        r, lq = ref_logp[i:j], torch.log_softmax(logits[i:j].double(), dim=-1)
+        out[i:j] = (r.exp() * (r - lq)).sum(-1).clamp_min(0.0)
+    return out
