@@ -457,6 +457,10 @@ def export_budget(model: str | os.PathLike, budget: float, out: str | os.PathLik
     check_output(path, dst)
 
     run = tune(path, progress=progress, unit=unit, budgets=[budget], **tune_kw)
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()      # the calibration's cached GPU memory back before the engine loads the model
     chosen = pick_with_baselines(run, budget, unit, (lo, hi))
     cfg = CacheConfig(tuple(chosen.type_k), tuple(chosen.type_v))
     extra = {
