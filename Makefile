@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 VARIANT ?= cpu
 
-.PHONY: setup engine tools demo test clean
+.PHONY: setup engine tools tools-rpc demo test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,10 @@ engine: $(BIN)/python
 # the patched llama.cpp command-line tools (llama-server, llama-cli, llama-bench, llama-perplexity, llama-batched-bench)
 tools: $(BIN)/python
 	$(BIN)/python native/build.py --variant $(VARIANT) --tools
+
+# llama-server, llama-cli and ggml-rpc-server with llama.cpp's RPC backend (layers served by other machines)
+tools-rpc: $(BIN)/python
+	$(BIN)/python native/build.py --variant $(VARIANT) --tools --rpc
 
 # torch: the pinned CPU wheel first (an unpinned torch would pull a CUDA build of several GB);
 # on a GPU machine install your own CUDA torch into the venv before `make setup`
