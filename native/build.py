@@ -240,13 +240,13 @@ def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int, fa
     """The patched llama.cpp command-line tools (static build), cached like the wheel; returns their folder.
 
     rpc: GGML_RPC on (llama.cpp's RPC backend: `llama-server --rpc host:port`), building llama-server,
-    llama-cli and the `rpc-server` that serves this build's CPU or CUDA backend to them; its own
+    llama-cli and `ggml-rpc-server` (llama.cpp's rpc-server) that serves this build's CPU or CUDA backend to them; its own
     cache key and folder, so the plain tools are not rebuilt. Both ends must come from this build: the cache types q3_kv/q2_kv are
     ids a stock rpc-server refuses (ggml-rpc checks type < GGML_TYPE_COUNT), and a stock server's
     kernels are not the patched ones."""
     args = tools_args(variant, cuda_arch, fa_quants, rpc)
     source, _, key = build_key(source, args)
-    tools = ("llama-server", "llama-cli", "rpc-server") if rpc else tools_of(variant)
+    tools = ("llama-server", "llama-cli", "ggml-rpc-server") if rpc else tools_of(variant)
     bin_dir = cache_root() / "bin" / f"{variant}-{key}"
     with build_lock(f"tools-{variant}", key):
         if all((bin_dir / t).exists() for t in tools):
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="build the patched command-line tools (" + ", ".join(TOOLS) + ") instead of the wheel; "
                          "prints their folder")
     ap.add_argument("--rpc", action="store_true",
-                    help="with --tools: also llama.cpp's RPC backend (GGML_RPC) and rpc-server (layers served by "
+                    help="with --tools: also llama.cpp's RPC backend (GGML_RPC) and ggml-rpc-server (layers served by "
                          "other machines)")
     a = ap.parse_args(argv)
     try:

@@ -40,7 +40,7 @@ def _rpc_tools() -> Path | None:
     finally:
         sys.path.remove(str(ROOT / "native"))
     d = build.tools_dir("cpu", rpc=True)
-    return d if all((d / t).exists() for t in ("rpc-server", "llama-server")) else None
+    return d if all((d / t).exists() for t in ("ggml-rpc-server", "llama-server")) else None
 
 
 def _port() -> int:
@@ -101,7 +101,7 @@ def _kv_bytes(info, layers) -> int:
 def test_rpc_server_layers_keep_per_layer_types(smollm2, tmp_path):
     tools = _rpc_tools()
     if tools is None:
-        pytest.skip("rpc-server and the RPC-enabled llama-server of this checkout are not built "
+        pytest.skip("ggml-rpc-server and the RPC-enabled llama-server of this checkout are not built "
                     "(`.venv/bin/python native/build.py --tools --rpc`)")
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"type_k": K, "type_v": V}))
@@ -113,7 +113,7 @@ def test_rpc_server_layers_keep_per_layer_types(smollm2, tmp_path):
 
     rpc_port = _port()
     with open(tmp_path / "rpc.log", "w") as f:
-        srv = subprocess.Popen([str(tools / "rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "2"],
+        srv = subprocess.Popen([str(tools / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "2"],
                                stdout=f, stderr=subprocess.STDOUT)
     try:
         _wait_port(rpc_port, srv, "rpc-server")
