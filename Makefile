@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 VARIANT ?= cpu
 
-.PHONY: setup engine tools demo test clean
+.PHONY: setup engine tools tools-rpc demo test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ engine: setup
 # the patched llama.cpp command-line tools (llama-server, llama-cli, llama-bench, llama-perplexity, llama-batched-bench)
 tools: setup
 	$(BIN)/kvtuner-edge engine build --variant $(VARIANT) --tools
+
+# llama-server, llama-cli and ggml-rpc-server with llama.cpp's RPC backend (layers served by other machines)
+tools-rpc: setup
+	$(BIN)/python native/build.py --variant $(VARIANT) --tools --rpc
 
 demo: setup
 	$(BIN)/kvtuner-edge demo

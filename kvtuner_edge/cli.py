@@ -195,6 +195,9 @@ def _search_options(f):
                           "paper's; the default) or storage (with block scales: q4_0 = 4.5; always with "
                           "--kv-memory/--memory)"),
         click.option("--cache-dir", type=click.Path(file_okay=False), help="default: .kvtuner-cache beside the model"),
+        click.option("--max-memory", help="memory the calibration may use on its device, e.g. 8GiB, 512MiB (default: "
+                                          "what the device has free, less a margin); weights stay quantised and as "
+                                          "many layers as fit stay dequantised, results do not change"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -240,10 +243,15 @@ def _print_budget(res: dict) -> None:
                "llama.cpp on held-out text")
 
 
-def _tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, cache_dir) -> dict:
+def _tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, cache_dir,
+             max_memory=None) -> dict:
+    if max_memory is not None:
+        from .calibrate.model import parse_memory
+
+        parse_memory(max_memory)             # an unreadable size is refused before anything runs
     return dict(types=[t.strip() for t in types.split(",") if t.strip()] if types else None, backend=backend,
                 device=device, calib_file=calib_file, n_calib=calib_tokens, groups=groups, pop=pop, gens=gens,
-                seed=seed, cache_dir=cache_dir)
+                seed=seed, cache_dir=cache_dir, max_memory=max_memory)
 
 
 @main.command()
@@ -265,7 +273,7 @@ def _tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens
 @_search_options
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def export(model, budget, kv_memory, memory, ctx, n_seq, config, output, no_check, eval_tokens, types, backend,
-           device, calib_file, calib_tokens, groups, pop, gens, seed, unit, cache_dir, as_json):
+           device, calib_file, calib_tokens, groups, pop, gens, seed, unit, cache_dir, max_memory, as_json):
     """Write per-layer K/V cache types into a copy of MODEL (tensors unchanged).
 
     With --budget B: calibrate, search (both cached beside the model) and write the lowest-KLD
@@ -284,7 +292,7 @@ def export(model, budget, kv_memory, memory, ctx, n_seq, config, output, no_chec
                           + (f"; got {' and '.join(given)}" if given else ""))
     if ctx is not None and kv_memory is None and memory is None:
         raise ConfigError("--ctx goes with --kv-memory or --memory (the context the memory must hold)")
-    kw = _tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, cache_dir)
+    kw = _tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, cache_dir, max_memory)
     if kv_memory is not None or memory is not None:
         from .tune import export_memory
 
@@ -340,19 +348,20 @@ def export(model, budget, kv_memory, memory, ctx, n_seq, config, output, no_chec
 @_search_options
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def tune(model, output, types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, unit, cache_dir,
-         as_json):
+         max_memory, as_json):
     """Calibrate and search MODEL; write the Pareto front (JSON + PNG) without exporting."""
     from pathlib import Path
 
     from .tune import report, tune as tune_fn
 
     run = tune_fn(model, progress=not as_json, unit=unit or "nominal",
-                  **_tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, cache_dir))
+                  **_tune_kw(types, backend, device, calib_file, calib_tokens, groups, pop, gens, seed, cache_dir,
+                             max_memory))
     out = Path(output) if output else Path(model).with_suffix(".pareto.json")
     files = report(run, out)
     front = [run.result.points[i] for i in run.result.front]
     if as_json:
-        _emit_json({"files": files, "seconds": run.seconds, "front": [p.__dict__ for p in front],
+        _emit_json({"files": files, "seconds": run.seconds, "memory": run.memory, "front": [p.__dict__ for p in front],
                     "baselines": run.baselines})
         return
     click.echo(f"{len(front)} configurations on the front ({run.result.evaluations} measured), "

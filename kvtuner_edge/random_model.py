@@ -2,8 +2,8 @@
 
 Speed and memory do not depend on weight values, so a random model of an 8B model's shape is
 a fair stand-in for throughput runs on a machine that cannot download one; its outputs are
-meaningless (every report that uses one says so). Weights are Q4_0 blocks with small random
-scales (built directly, no quantiser run), norms are ones, the vocabulary is a SentencePiece-style
+meaningless (every report that uses one says so). Weights are Q4_0 (or, with wtype="q8_0",
+Q8_0) blocks with small random scales (built directly, no quantiser run), norms are ones, the vocabulary is a SentencePiece-style
 one with byte fallback so any text tokenizes.
 
     python scripts/make_random_gguf.py --shape llama3-8b -o /tmp/llama3-8b-random.gguf
@@ -23,6 +23,8 @@ SHAPES = {
     "smollm2-135m": (576, 30, 9, 3, 1536, 49152, 100000.0, 8192),
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256, 500000.0, 8192),
     "llama3.2-1b": (2048, 16, 32, 8, 8192, 128256, 500000.0, 8192),  # head size 64, GQA 4
+    # Qwen2.5-32B's shape (64 layers, 8 KV heads of 128) written as a llama model (no biases)
+    "qwen2.5-32b": (5120, 64, 40, 8, 27648, 152064, 1000000.0, 8192),
     "tiny": (256, 4, 4, 2, 512, 4096, 10000.0, 4096),
     # head size 48: block-32 cache types cannot divide it (tests of the refusals)
     "tiny-head48": (192, 4, 4, 2, 512, 4096, 10000.0, 4096),
@@ -39,8 +41,24 @@ def q4_0_random(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     return blocks.reshape(rows, nb * 18)
 
 
-def write(shape: str, out: Path, seed: int = 0) -> None:
+def q8_0_random(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw Q8_0 data for a [rows, cols] weight: per 32 values an f16 scale and 32 signed bytes."""
+    nb = cols // 32
+    blocks = np.empty((rows, nb, 34), dtype=np.uint8)
+    scale = (rng.random((rows, nb), dtype=np.float32) * 0.0006 + 0.0001).astype(np.float16)
+    blocks[:, :, :2] = scale.view(np.uint8).reshape(rows, nb, 2)
+    blocks[:, :, 2:] = rng.integers(0, 256, size=(rows, nb, 32), dtype=np.uint8)
+    return blocks.reshape(rows, nb * 34)
+
+
+WTYPES = ("q4_0", "q8_0")
+
+
+def write(shape: str, out: Path, seed: int = 0, wtype: str = "q4_0") -> None:
     import gguf
+
+    if wtype not in WTYPES:
+        raise ValueError(f"wtype must be one of {', '.join(WTYPES)}, got {wtype!r}")
 
     n_embd, n_layer, n_head, n_head_kv, n_ff, n_vocab, rope_base, ctx = SHAPES[shape]
     head = n_embd // n_head
@@ -58,7 +76,7 @@ def write(shape: str, out: Path, seed: int = 0) -> None:
     w.add_rope_dimension_count(head)
     w.add_rope_freq_base(rope_base)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if wtype == "q4_0" else gguf.LlamaFileType.MOSTLY_Q8_0)
     # vocabulary: 3 specials, 256 byte tokens, then filler pieces
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     tokens += [f"\u2581t{i}" for i in range(n_vocab - len(tokens))]
@@ -72,10 +90,11 @@ def write(shape: str, out: Path, seed: int = 0) -> None:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
 
-    Q = gguf.GGMLQuantizationType.Q4_0
+    Q = gguf.GGMLQuantizationType.Q4_0 if wtype == "q4_0" else gguf.GGMLQuantizationType.Q8_0
+    make = q4_0_random if wtype == "q4_0" else q8_0_random
 
     def q(name: str, rows: int, cols: int):
-        w.add_tensor(name, q4_0_random(rows, cols, rng), raw_dtype=Q)
+        w.add_tensor(name, make(rows, cols, rng), raw_dtype=Q)
 
     q("token_embd.weight", n_vocab, n_embd)
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
@@ -103,9 +122,10 @@ def main() -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     ap.add_argument("-o", "--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wtype", choices=WTYPES, default="q4_0", help="weight type of the matrices")
     a = ap.parse_args()
-    write(a.shape, a.out, a.seed)
-    print(f"wrote {a.out} ({a.out.stat().st_size / 2**20:.0f} MiB, random weights, shape {a.shape})")
+    write(a.shape, a.out, a.seed, a.wtype)
+    print(f"wrote {a.out} ({a.out.stat().st_size / 2**20:.0f} MiB, random {a.wtype} weights, shape {a.shape})")
     return 0
 
 

@@ -351,6 +351,7 @@ class TuneRun:
     files: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)          # the search cache's meta record (see _write_search)
+    memory: str = ""                      # where the calibration's weights were held (TorchModel.memory_summary)
 
 
 def _torch_device(device: str | None) -> str:
@@ -369,16 +370,22 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
          device: str | None = None, calib_file: str | os.PathLike | None = None,
          n_calib: int = DEFAULT_CALIB_TOKENS, max_positions: int = 256, max_pairs: int = 8,
          groups: int = 8, pop: int = 24, gens: int = 5, seed: int = 0, cache_dir: str | os.PathLike | None = None,
-         unit: str = "nominal", budgets: Sequence[float] = (), progress: bool = True) -> TuneRun:
+         unit: str = "nominal", budgets: Sequence[float] = (), progress: bool = True,
+         max_memory: str | int | None = None, weights: str = "torch") -> TuneRun:
     """Calibrate and search `model` (both cached and resumable); returns the measured Pareto front
     of (average `unit` bits, KLD). For each of `budgets` the front is then refined where it matters
-    (search.refine: measured local search within that budget, cached per budget)."""
+    (search.refine: measured local search within that budget, cached per budget).
+
+    max_memory ("8GiB", bytes; default: what the torch device has free less a margin) bounds the
+    calibration's weights and activations: the weights stay quantised and as many layers as fit
+    stay dequantised (calibrate.model.TorchModel); the results do not depend on it. weights="gguf-py"
+    is the reference path (everything float32 up front, no limit), for comparisons."""
     from . import engine
 
     engine._bind()          # the engine's libraries before torch/numpy (see engine.py)
     import torch
 
-    from .calibrate.model import TorchModel, kld_many, log_probs
+    from .calibrate.model import TorchModel, kld_many, log_probs, parse_memory
     from .calibrate.profile import kld_positions, sensitivity
     from .search import Layout, build_space, refine, result_of, search
 
@@ -390,6 +397,8 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
     pairs = candidate_pairs(tlist, backend)
     ranges = {u: feasible_range(info, pairs, u) for u in ("nominal", "storage")}
     dev = _torch_device(device)
+    if max_memory is not None:
+        max_memory = parse_memory(max_memory)      # a bad value fails here, before any work
     t_start = time.time()
     cdir = cache_dir_for(path, Path(cache_dir) if cache_dir else None)
     if cdir.is_dir():
@@ -404,8 +413,14 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
     if dev == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    tm = TorchModel(path, device=dev, backend="cuda" if backend == "cuda" else "cpu")
+    pos_np = kld_positions(len(tokens), max_positions)
+    # the most configurations one batched pass carries: a layer's measured pairs, a search batch (8),
+    # the uniform baselines
+    n_base = sum(k == v for k, v in pairs) + (("q8_0", "q4_0") in pairs)
+    tm = TorchModel(path, device=dev, backend="cuda" if backend == "cuda" else "cpu", max_memory=max_memory,
+                    workload=(len(tokens), max(max_pairs, 8, n_base), len(pos_np)), weights=weights)
     t_load = time.time() - t0
+    _log(f"{tm.memory_summary()}; loaded in {t_load:.1f} s", progress)
     prof = sensitivity(tm, tokens, pairs, key=pkey, cache=cdir / f"profile-{pkey}.json",
                        max_positions=max_positions, max_pairs=max_pairs, progress=progress,
                        settings={"source": source, "n_tokens": len(tokens), "device": dev})
@@ -416,7 +431,7 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
     skey = _key("search", pkey, unit, groups, pop, gens, seed, [list(c) for c in space.choices], space.groups, 2)
     final = cdir / f"search-{skey}.json"
     partial = cdir / f"search-{skey}.partial.json"
-    pos = torch.as_tensor(kld_positions(len(tokens), max_positions), device=tm.device)
+    pos = torch.as_tensor(pos_np, device=tm.device)
     ref = None
 
     def evaluate(configs):
@@ -495,7 +510,8 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
     return TuneRun(path, info, backend, ranges, tlist, pairs, source, prof, result, baselines,
                    files={"profile": str(cdir / f"profile-{pkey}.json"), "search": str(final)},
                    seconds={"load": t_load, "profile": sum(prof.seconds.values()), "search": t_search,
-                            "total": time.time() - t_start}, meta=meta)
+                            "total": time.time() - t_start}, meta=meta,
+                   memory=tm.memory_summary())
 
 
 def report(run: TuneRun, out_json: Path, chosen=None) -> dict:
@@ -567,6 +583,10 @@ def export_budget(model: str | os.PathLike, budget: float, out: str | os.PathLik
     check_output(path, dst)
 
     run = tune(path, progress=progress, unit=unit, budgets=[budget], **tune_kw)
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()      # the calibration's cached GPU memory back before the engine loads the model
     chosen = pick_with_baselines(run, budget, unit, (lo, hi))
     return _export_and_check(run, chosen, dst, budget, unit, {}, validate, n_eval, progress)
 
@@ -600,7 +620,7 @@ def _export_and_check(run: TuneRun, chosen, dst: Path, budget: float, unit: str,
                "bits_nominal": chosen.bits_nominal, "bits_storage": chosen.bits_storage,
                "predicted_kld": chosen.kld, "calibration": run.calibration, "files": {**run.files, **files},
                "evaluations": run.result.evaluations,
-               "seconds": run.seconds, "rows": []}
+               "seconds": run.seconds, "memory": run.memory, "rows": []}
     if validate:
         toks, src = heldout_tokens(path, n_eval)
         tests = {"chosen": (cfg, None, None)}

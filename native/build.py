@@ -227,14 +227,32 @@ def tools_of(variant: str) -> tuple[str, ...]:
     return ("llama-server", "llama-cli") if variant == "cpu-asan" else TOOLS
 
 
-def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int, fa_quants: str = "all") -> Path:
-    """The patched llama.cpp command-line tools (static build), cached like the wheel; returns their folder."""
+def tools_args(variant: str, cuda_arch: str = "90", fa_quants: str = "all", rpc: bool = False) -> list[str]:
+    """cmake arguments of the tools build (they make its cache key)."""
     args = cmake_args(variant, cuda_arch, fa_quants) + ["-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TOOLS=ON",
-                                             "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                                             "-DLLAMA_BUILD_TESTS=OFF",
-                                             "-DCMAKE_BUILD_TYPE=Release"]
+                                                        "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                                                        "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+    return args + (["-DGGML_RPC=ON"] if rpc else [])
+
+
+def tools_dir(variant: str = "cpu", cuda_arch: str = "90", fa_quants: str = "all", rpc: bool = False) -> Path:
+    """Where build_tools puts (or has put) the tools of the pinned sdist with this checkout's patches."""
+    _, _, key = build_key(None, tools_args(variant, cuda_arch, fa_quants, rpc))
+    return cache_root() / "bin" / f"{variant}-{key}"
+
+
+def build_tools(variant: str, cuda_arch: str, source: Path | None, jobs: int, fa_quants: str = "all",
+                rpc: bool = False) -> Path:
+    """The patched llama.cpp command-line tools (static build), cached like the wheel; returns their folder.
+
+    rpc: GGML_RPC on (llama.cpp's RPC backend: `llama-server --rpc host:port`), building llama-server,
+    llama-cli and `ggml-rpc-server` (llama.cpp's rpc-server) that serves this build's CPU or CUDA backend to them; its own
+    cache key and folder, so the plain tools are not rebuilt. Both ends must come from this build: the cache types q3_kv/q2_kv are
+    ids a stock rpc-server refuses (ggml-rpc checks type < GGML_TYPE_COUNT), and a stock server's
+    kernels are not the patched ones."""
+    args = tools_args(variant, cuda_arch, fa_quants, rpc)
     source, _, key = build_key(source, args)
-    tools = tools_of(variant)
+    tools = ("llama-server", "llama-cli", "ggml-rpc-server") if rpc else tools_of(variant)
     bin_dir = cache_root() / "bin" / f"{variant}-{key}"
     with build_lock(f"tools-{variant}", key):
         if all((bin_dir / t).exists() for t in tools):
@@ -410,13 +428,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tools", action="store_true",
                     help="build the patched command-line tools (" + ", ".join(TOOLS) + ") instead of the wheel; "
                          "prints their folder")
+    ap.add_argument("--rpc", action="store_true",
+                    help="with --tools: also llama.cpp's RPC backend (GGML_RPC) and ggml-rpc-server (layers served by "
+                         "other machines)")
     a = ap.parse_args(argv)
     try:
         if a.write_archive:
             write_archive(a.write_archive)
             return 0
         if a.tools:
-            print(build_tools(a.variant, a.cuda_arch, a.source, a.jobs, a.fa_quants))
+            print(build_tools(a.variant, a.cuda_arch, a.source, a.jobs, a.fa_quants, a.rpc))
             return 0
         # the sanitizer engine needs libasan preloaded into Python: it would break the plain one if installed
         install = not a.no_install and a.variant != "cpu-asan"

@@ -1,7 +1,9 @@
 """A GGUF model in torch, computing attention the way the deployed llama.cpp engine does.
 
-The weights are the GGUF's own, dequantised (gguf-py's numpy dequantisers), so calibration runs
-the model the user deploys, not the original checkpoint. The forward pass follows llama.cpp's
+The weights are the GGUF's own, held in their quantised form and dequantised just in time by
+calibrate.dequant (bit-exact with gguf-py's numpy dequantisers; as many layers as a memory limit
+allows stay dequantised), so calibration runs the model the user deploys, not the original
+checkpoint. The forward pass follows llama.cpp's
 graphs (src/models/llama.cpp, qwen2.cpp, qwen3.cpp, gemma3.cpp at the pinned commit): RMS norms,
 rope of the engine's kind (NORM for llama, NEOX for the others), Gemma-3's sliding-window layers
 and its second rope base, tied output.
@@ -27,6 +29,11 @@ one-row kernel when V is f16 and K is quantised, fp16 rounding of q8_1 sums insi
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import sys
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +45,7 @@ import torch.nn.functional as F
 from .. import gguf_io
 from .. import types as T
 from ..errors import KVTunerError
+from . import dequant as DQ
 from . import quant as Q
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
@@ -70,17 +78,19 @@ def _rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], x.shape[-1] // n, n) @ h).reshape(x.shape)
 
 
+ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+OUTPUT_CHUNK = 64 << 20        # bytes of float32 output rows dequantised per step when the output is not resident
+MIN_MARGIN = 1 << 30           # the default limit leaves this much (or 10%) of what is free
+KLD_ROWS = 32                  # positions per step of kld()
+
+
 @dataclass
 class LayerWeights:
+    """A layer's small tensors (dequantised once) and the names and GGUF types of its matrices
+    (held quantised, dequantised when used: TorchModel.weight)."""
     attn_norm: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
-    wo: torch.Tensor
     ffn_norm: torch.Tensor
-    w_gate: torch.Tensor
-    w_up: torch.Tensor
-    w_down: torch.Tensor
+    names: dict            # tensor role -> GGUF tensor name of the matrix
     types: dict            # tensor role -> ggml type id of the file (for the activation quantisation)
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
@@ -92,6 +102,7 @@ class LayerWeights:
 
 
 def _dequantize(mm: np.memmap, base: int, t: gguf_io.TensorInfo) -> np.ndarray:
+    """gguf-py's numpy dequantisation (the reference path, weights="gguf-py")."""
     from gguf import GGMLQuantizationType, quants
 
     raw = np.asarray(mm[base + t.offset: base + t.offset + t.nbytes])
@@ -106,11 +117,87 @@ def _dequantize(mm: np.memmap, base: int, t: gguf_io.TensorInfo) -> np.ndarray:
     return np.asarray(out, dtype=np.float32).reshape(shape)
 
 
+def parse_memory(text) -> int:
+    """'8GiB', '512MiB', '8e9', an int -> bytes (positive), or a CalibrationError naming the value."""
+    from ..bench import parse_size
+
+    try:
+        n = parse_size(text)
+    except KVTunerError:
+        n = None
+    except (OverflowError, ValueError):
+        n = None
+    if n is None or n <= 0:
+        raise CalibrationError(f"--max-memory: cannot read {text!r} as a positive size (examples: 8GiB, 512MiB)")
+    return n
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for calibration on `device`: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:       # other Unix systems: free physical pages (an underestimate: the page cache is not counted)
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def default_max_memory(device: torch.device) -> int:
+    """What the device has free, less a safety margin (10%, at least 1 GiB)."""
+    free = available_memory(device)
+    return max(free - max(MIN_MARGIN, free // 10), 0)
+
+
+def _fmt(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+@dataclass
+class _Matrix:
+    name: str
+    ggml_type: int
+    shape: tuple          # numpy order (rows, cols)
+    raw: torch.Tensor     # the GGUF bytes, uint8, flat: on the device or in host memory (mapped file)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * self.numel
+
+    @property
+    def raw_bytes(self) -> int:
+        return self.raw.numel()
+
+
 class TorchModel:
-    """model = TorchModel(path, device="cpu"); h = model.embed(tokens); for il: h = model.layer(il, h, "f16", "f16")."""
+    """model = TorchModel(path, device="cpu"); h = model.embed(tokens); for il: h = model.layer(il, h, "f16", "f16").
+
+    Weights stay in their GGUF form (raw blocks in a torch tensor: on the device, or in host memory
+    when even they do not fit there) and are dequantised to float32 with calibrate.dequant, which
+    is bit-exact with gguf-py's dequantisers. As many layers (and the output matrix) as
+    `max_memory` allows stay dequantised for the whole run: the output first, then the layers from
+    the last one down (the profile's final-KLD stage runs the later layers most often); the others
+    are dequantised when used, into a small cache of the matrices used last (one layer's worth).
+    With everything resident this is the old all-fp32 model at no cost in speed.
+
+    max_memory: bytes (or "8GiB") for the weights and the activations of a calibration with
+    `workload` = (tokens, configurations per batch, scored positions); default: what the device
+    has free less a margin (default_max_memory). weights="gguf-py": the reference path (gguf-py's
+    numpy dequantisers, everything float32 up front, no limit), for comparisons."""
 
     def __init__(self, path, device: str | torch.device = "cpu", backend: str = "cpu",
-                 act_quant: bool = False, progress=None):
+                 act_quant: bool = False, progress=None, max_memory=None,
+                 workload: tuple[int, int, int] = (512, 10, 256), weights: str = "torch"):
         self.path = Path(path)
         self.info = gguf_io.model_info(self.path)
         hdr = gguf_io.read_header(self.path)
@@ -120,6 +207,8 @@ class TorchModel:
                                    f"architectures; this model is {self.arch!r}")
         if backend not in ("cpu", "cuda"):
             raise CalibrationError(f"backend must be cpu or cuda (the engine paths modelled), got {backend!r}")
+        if weights not in ("torch", "gguf-py"):
+            raise CalibrationError(f"weights must be torch or gguf-py, got {weights!r}")
         self.device = torch.device(device)
         self.backend = backend
         self.act_quant = act_quant
@@ -142,59 +231,274 @@ class TorchModel:
             raise CalibrationError(f"{self.path.name}: rope scaling {scaling!r} is not modelled by the calibration")
 
         by_name = {t.name: t for t in hdr.tensors}
-        mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        # a copy-on-write mapping of the file: writable for torch.from_numpy, never written, nothing copied
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        mm = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._data_offset = hdr.data_offset
+        self._offsets = {t.name: (hdr.data_offset + t.offset, t.nbytes) for t in hdr.tensors}
+        self._weights_mode = weights
         total = len(by_name)
         done = [0]
 
-        def get(name, required=True):
-            t = by_name.get(name)
-            if t is None:
-                if required:
-                    raise CalibrationError(f"{self.path.name}: tensor {name} is missing")
-                return None
-            arr = _dequantize(mm, hdr.data_offset, t)
+        def step():
             done[0] += 1
             if progress:
                 progress(done[0], total)
-            if not arr.flags.writeable or not arr.flags.c_contiguous or arr.dtype != np.float32:
+
+        def info_of(name, required=True):
+            t = by_name.get(name)
+            if t is None and required:
+                raise CalibrationError(f"{self.path.name}: tensor {name} is missing")
+            return t
+
+        def small(name, required=True):
+            """A norm or bias: float32 on the device now (it is small)."""
+            t = info_of(name, required)
+            if t is None:
+                return None
+            if weights == "gguf-py":
+                arr = _dequantize(mm, hdr.data_offset, t)
                 arr = np.array(arr, dtype=np.float32, order="C")
-            return torch.from_numpy(arr).to(self.device)
+                out = torch.from_numpy(arr).to(self.device)
+            else:
+                raw = torch.from_numpy(mm[hdr.data_offset + t.offset: hdr.data_offset + t.offset + t.nbytes])
+                out = DQ.dequantize(raw, t.ggml_type, tuple(reversed(t.shape)), device=self.device, name=name).clone()
+            step()
+            return out
+
+        self._matrices: dict[str, _Matrix] = {}
+
+        def matrix(name, required=True):
+            t = info_of(name, required)
+            if t is None:
+                return None
+            shape = tuple(reversed(t.shape))
+            if len(shape) != 2:
+                raise CalibrationError(f"{self.path.name}: tensor {name} has shape {list(t.shape)}, expected a matrix")
+            if weights == "torch":
+                DQ.row_bytes(t.ggml_type, shape[-1], name)      # a type we cannot decode is named here
+            raw = torch.from_numpy(mm[hdr.data_offset + t.offset: hdr.data_offset + t.offset + t.nbytes])
+            self._matrices[name] = _Matrix(name, t.ggml_type, shape, raw)
+            return name
 
         def tid(name):
             t = by_name.get(name)
             return t.ggml_type if t is not None else None
 
-        self.tok_embd = get("token_embd.weight")
-        self.out_norm = get("output_norm.weight")
-        self.output = get("output.weight", required=False)
-        self.output_type = tid("output.weight") if self.output is not None else tid("token_embd.weight")
-        if self.output is None:
-            self.output = self.tok_embd
+        self.out_norm = small("output_norm.weight")
+        self._embd_name = matrix("token_embd.weight")
+        self._out_name = matrix("output.weight", required=False) or self._embd_name
+        self.output_type = tid(self._out_name)
         self.layers: list[LayerWeights] = []
         for il in range(self.n_layer):
             p = f"blk.{il}."
-            roles = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
             lw = LayerWeights(
-                attn_norm=get(p + "attn_norm.weight"), wq=get(p + "attn_q.weight"), wk=get(p + "attn_k.weight"),
-                wv=get(p + "attn_v.weight"), wo=get(p + "attn_output.weight"), ffn_norm=get(p + "ffn_norm.weight"),
-                w_gate=get(p + "ffn_gate.weight"), w_up=get(p + "ffn_up.weight"), w_down=get(p + "ffn_down.weight"),
-                types={r: tid(p + r + ".weight") for r in roles},
-                bq=get(p + "attn_q.bias", False), bk=get(p + "attn_k.bias", False), bv=get(p + "attn_v.bias", False),
-                q_norm=get(p + "attn_q_norm.weight", False), k_norm=get(p + "attn_k_norm.weight", False),
-                post_attn_norm=get(p + "post_attention_norm.weight", False),
-                post_ffn_norm=get(p + "post_ffw_norm.weight", False))
+                attn_norm=small(p + "attn_norm.weight"), ffn_norm=small(p + "ffn_norm.weight"),
+                names={r: matrix(p + r + ".weight") for r in ROLES},
+                types={r: tid(p + r + ".weight") for r in ROLES},
+                bq=small(p + "attn_q.bias", False), bk=small(p + "attn_k.bias", False),
+                bv=small(p + "attn_v.bias", False),
+                q_norm=small(p + "attn_q_norm.weight", False), k_norm=small(p + "attn_k_norm.weight", False),
+                post_attn_norm=small(p + "post_attention_norm.weight", False),
+                post_ffn_norm=small(p + "post_ffw_norm.weight", False))
             self.layers.append(lw)
+        self._small_bytes = sum(4 * x.numel() for lw in self.layers
+                                for x in (lw.attn_norm, lw.ffn_norm, lw.bq, lw.bk, lw.bv, lw.q_norm, lw.k_norm,
+                                          lw.post_attn_norm, lw.post_ffn_norm) if x is not None)
+        self._small_bytes += 4 * self.out_norm.numel()
+        self._resident: dict[str, torch.Tensor] = {}          # name -> float32, held for the whole run
+        self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()   # name -> float32, last used first out
+        self._recent_bytes = 0
+        self._out_buf: torch.Tensor | None = None    # output rows being dequantised (when not resident)
+        self.stats = {"dequantised": 0, "dequantised_bytes": 0, "dequant_seconds": 0.0}
+        if weights == "gguf-py":
+            for name, w in self._matrices.items():
+                t = by_name[name]
+                arr = _dequantize(mm, hdr.data_offset, t)
+                if not arr.flags.writeable or not arr.flags.c_contiguous or arr.dtype != np.float32:
+                    arr = np.array(arr, dtype=np.float32, order="C")
+                self._resident[name] = torch.from_numpy(arr).to(self.device)
+                step()
+            self.plan = {"mode": "gguf-py", "resident_layers": list(range(self.n_layer)), "output_resident": True,
+                         "raw_on": None, "limit": None, "reserve": 0, "recent_cap": 0}
+        else:
+            for _ in self._matrices:
+                step()
+            self._plan(max_memory, workload)
         self._had: dict[int, torch.Tensor] = {}
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
 
+    # weights ---------------------------------------------------------------------------------
+
+    def activation_bytes(self, n_tok: int, batch: int, n_pos: int) -> int:
+        """An upper estimate of the activations of a calibration of `n_tok` tokens, `batch`
+        configurations per batched pass and `n_pos` scored positions: every layer's stored input and
+        attention output and the reference log-probabilities (the profile keeps them), plus the
+        larger of the widest batched layer and the logits stage (one configuration's logits, kld()'s
+        float64 rows, the output rows being dequantised). It counts every tensor a step may hold at
+        once; measured by hand (getrusage around an f16 pass, 10 configurations through 3 layers and
+        their KLDs) on a Llama-3.2-1B shape at 512 tokens, the resident set grew by 0.75 of it.
+        CUDA is counted with T x T scores (not measured here)."""
+        T, B, L, D = n_tok, max(batch, 1), self.n_layer, self.n_embd
+        H, Hkv = max(self.n_head), max(self.n_head_kv)
+        dk, dv = max(self.head_k), max(self.head_v)
+        F = max(self._matrices[lw.names["ffn_up"]].shape[0] for lw in self.layers)
+        V = self._matrices[self._out_name].shape[0]
+        # scores: CUDA's SDPA and the CPU's below the tiled kernel's size keep T x T of them
+        scores = 3 * B * H * T * T if (self.device.type != "cpu" or T < CPU_FA_TILE_Q) else B * H * T * CPU_FA_TILE_Q
+        layer = 4 * (B * T * (8 * D + 4 * H * max(dk, dv) + 8 * Hkv * max(dk, dv) + 2 * F) + scores)
+        logits = 4 * n_pos * V + 8 * 5 * KLD_ROWS * V + min(4 * V * D, OUTPUT_CHUNK)
+        stored = 4 * 2 * L * T * D + 8 * n_pos * V
+        return int(stored + max(layer, logits))
+
+    def _plan(self, max_memory, workload) -> None:
+        """Decide where the raw bytes live and which float32 matrices stay resident (see the class doc)."""
+        limit = default_max_memory(self.device) if max_memory is None else parse_memory(max_memory)
+        reserve = self.activation_bytes(*workload)
+        layer_names = [list(lw.names.values()) for lw in self.layers]
+        layer_bytes = [sum(self._matrices[n].fp32_bytes for n in names) for names in layer_names]
+        biggest = max(w.fp32_bytes for names in layer_names for w in (self._matrices[n] for n in names))
+        out = self._matrices[self._out_name]
+        chunk = min(out.fp32_bytes, OUTPUT_CHUNK)
+        raw_all = sum(w.raw_bytes for w in self._matrices.values())
+        fixed = reserve + self._small_bytes
+        minimum = fixed + biggest + chunk
+        raw_on = "device"
+        if self.device.type != "cpu" and raw_all + minimum > limit:
+            raw_on = "host"          # the device cannot hold even the quantised weights: keep them in host memory
+        dev_raw = raw_all if raw_on == "device" else 0
+        if dev_raw + minimum > limit:
+            raise CalibrationError(
+                f"{self.path.name}: --max-memory {_fmt(limit)} is below what calibration needs here "
+                f"({_fmt(dev_raw + minimum)}: quantised weights {_fmt(dev_raw)}, the largest matrix in float32 "
+                f"{_fmt(biggest)}, output rows {_fmt(chunk)}, activations about {_fmt(reserve)})")
+        avail = limit - fixed - dev_raw
+        resident_layers: list[int] = []
+        out_resident = False
+        if sum(layer_bytes) + out.fp32_bytes <= avail:
+            resident_layers, out_resident, cap = list(range(self.n_layer)), True, 0
+        else:
+            cap = max(biggest, min(max(layer_bytes), avail - chunk))
+            avail -= cap
+            if out.fp32_bytes <= avail:
+                out_resident = True
+                avail -= out.fp32_bytes
+            else:
+                avail -= chunk
+            for il in reversed(range(self.n_layer)):
+                if layer_bytes[il] <= avail:
+                    resident_layers.append(il)
+                    avail -= layer_bytes[il]
+            resident_layers.sort()
+        if raw_on == "device" and self.device.type != "cpu":
+            for w in self._matrices.values():
+                w.raw = w.raw.to(self.device)
+            self._release(list(self._matrices))          # the host copy is no longer read
+        self._recent_cap = cap
+        self._out_resident = out_resident
+        keep = [n for il in resident_layers for n in layer_names[il]] + ([self._out_name] if out_resident else [])
+        for n in keep:
+            self._resident[n] = self._dequant(self._matrices[n])
+            if self.device.type == "cpu":
+                self._release([n])          # its bytes in the mapping are not read again (nor held twice)
+        self.stats = {"dequantised": 0, "dequantised_bytes": 0, "dequant_seconds": 0.0}
+        self.plan = {"mode": "torch", "limit": limit, "reserve": reserve, "raw_on": raw_on, "raw_bytes": raw_all,
+                     "resident_layers": resident_layers, "output_resident": out_resident, "recent_cap": cap,
+                     "resident_bytes": sum(t.numel() * 4 for t in self._resident.values()),
+                     "fp32_bytes": sum(layer_bytes) + out.fp32_bytes, "layer_bytes": max(layer_bytes),
+                     "output_bytes": out.fp32_bytes,
+                     "minimum": dev_raw + minimum, "everything": dev_raw + fixed + sum(layer_bytes) + out.fp32_bytes}
+
+    def _release(self, names) -> None:
+        """Drop the mapped file pages of these tensors from this process (they are read again from the
+        file, or the page cache, should they ever be used)."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None:
+            return
+        page = mmap.PAGESIZE
+        for name in names:
+            off, n = self._offsets[name]
+            start, end = -(-off // page) * page, (off + n) // page * page
+            if end > start:
+                try:
+                    self._mmap.madvise(advice, start, end - start)
+                except (OSError, ValueError):
+                    return
+
+    def memory_summary(self) -> str:
+        p = self.plan
+        if p["mode"] == "gguf-py":
+            return f"weights: all {self.n_layer} layers float32 (gguf-py dequantisers, no memory limit)"
+        n = len(p["resident_layers"])
+        where = self.device.type if p["raw_on"] == "device" else "host memory"
+        s = (f"weights: {n}/{self.n_layer} layers resident in float32"
+             + ("" if p["output_resident"] else ", the output matrix in chunks")
+             + (", the rest dequantised per use" if n < self.n_layer else "")
+             + f"; quantised weights {_fmt(p['raw_bytes'])} in {where}; limit {_fmt(p['limit'])} "
+               f"(activations about {_fmt(p['reserve'])})")
+        return s
+
+    def _dequant(self, w: _Matrix, out: torch.Tensor | None = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = DQ.dequantize(w.raw, w.ggml_type, w.shape, device=self.device, name=w.name, out=out)
+        self.stats["dequantised"] += 1
+        self.stats["dequantised_bytes"] += w.fp32_bytes
+        self.stats["dequant_seconds"] += time.perf_counter() - t0
+        return out
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The float32 matrix `name`: resident, recently used, or dequantised now."""
+        t = self._resident.get(name)
+        if t is not None:
+            return t
+        t = self._recent.get(name)
+        if t is not None:
+            self._recent.move_to_end(name)
+            return t
+        w = self._matrices[name]
+        # make room first; an evicted matrix of the same shape that nothing else holds becomes the
+        # output (fresh pages cost the CPU more than decoding into them)
+        reuse = None
+        while self._recent and self._recent_bytes + w.fp32_bytes > self._recent_cap:
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= 4 * old.numel()
+            if reuse is None and old.shape == w.shape and sys.getrefcount(old) <= 2:
+                reuse = old
+            del old
+        t = self._dequant(w, out=reuse)
+        self._recent[name] = t
+        self._recent_bytes += w.fp32_bytes
+        return t
+
+    def _lw(self, il: int, role: str) -> torch.Tensor:
+        return self.weight(self.layers[il].names[role])
+
+    def _rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of matrix `name` in float32 (the embedding lookup without dequantising the whole table)."""
+        t = self._resident.get(name)
+        if t is not None:
+            return t[ids]
+        w = self._matrices[name]
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        rb = DQ.row_bytes(w.ggml_type, w.shape[1], name)
+        raw = w.raw.view(w.shape[0], rb)[uniq.to(w.raw.device)]
+        rows = DQ.dequantize(raw.reshape(-1), w.ggml_type, (len(uniq), w.shape[1]), device=self.device, name=name)
+        return rows[inv.to(self.device)]
+
     # building blocks -------------------------------------------------------------------------
 
-    def _mm(self, x: torch.Tensor, w: torch.Tensor, wtype: int | None, b: torch.Tensor | None = None):
+    def _act(self, x: torch.Tensor, wtype: int | None) -> torch.Tensor:
+        """x as the engine's CPU matmul with a `wtype` weight sees it (act_quant: rounded to its vec_dot type)."""
         if self.act_quant and wtype is not None:
             vdt = Q.weight_vec_dot_type(wtype)
             if vdt is not None and x.shape[-1] % (256 if vdt == "q8_K" else 32 if vdt.startswith("q") else 1) == 0:
                 x = Q.fake_quant_act(x, vdt)
+        return x
+
+    def _mm(self, x: torch.Tensor, w: torch.Tensor, wtype: int | None, b: torch.Tensor | None = None):
+        x = self._act(x, wtype)
         y = x @ w.T
         return y if b is None else y + b
 
@@ -245,7 +549,7 @@ class TorchModel:
 
     def embed(self, tokens: Sequence[int]) -> torch.Tensor:
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)
-        h = self.tok_embd[ids]
+        h = self._rows(self._embd_name, ids)
         if self.arch == "gemma3":
             h = h * math.sqrt(self.n_embd)
         return h
@@ -255,9 +559,9 @@ class TorchModel:
         lw = self.layers[il]
         x = self._norm(h, lw.attn_norm)
         n_tok = h.shape[-2]
-        q = self._mm(x, lw.wq, lw.types["attn_q"], lw.bq).unflatten(-1, (self.n_head[il], self.head_k[il]))
-        k = self._mm(x, lw.wk, lw.types["attn_k"], lw.bk).unflatten(-1, (self.n_head_kv[il], self.head_k[il]))
-        v = self._mm(x, lw.wv, lw.types["attn_v"], lw.bv).unflatten(-1, (self.n_head_kv[il], self.head_v[il]))
+        q = self._mm(x, self._lw(il, "attn_q"), lw.types["attn_q"], lw.bq).unflatten(-1, (self.n_head[il], self.head_k[il]))
+        k = self._mm(x, self._lw(il, "attn_k"), lw.types["attn_k"], lw.bk).unflatten(-1, (self.n_head_kv[il], self.head_k[il]))
+        v = self._mm(x, self._lw(il, "attn_v"), lw.types["attn_v"], lw.bv).unflatten(-1, (self.n_head_kv[il], self.head_v[il]))
         if lw.q_norm is not None:
             q = self._norm(q, lw.q_norm)
             k = self._norm(k, lw.k_norm)
@@ -317,7 +621,7 @@ class TorchModel:
 
     def attn_out(self, il: int, o: torch.Tensor) -> torch.Tensor:
         lw = self.layers[il]
-        return self._mm(o, lw.wo, lw.types["attn_output"])
+        return self._mm(o, self._lw(il, "attn_output"), lw.types["attn_output"])
 
     def finish_layer(self, il: int, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Residual stream after layer il, given its projected attention output a."""
@@ -326,10 +630,13 @@ class TorchModel:
             a = self._norm(a, lw.post_attn_norm)
         h = h + a
         x = self._norm(h, lw.ffn_norm)
-        g = self._mm(x, lw.w_gate, lw.types["ffn_gate"])
-        u = self._mm(x, lw.w_up, lw.types["ffn_up"])
-        act = F.gelu(g, approximate="tanh") if self.arch == "gemma3" else F.silu(g)
-        f = self._mm(act * u, lw.w_down, lw.types["ffn_down"])
+        g = self._mm(x, self._lw(il, "ffn_gate"), lw.types["ffn_gate"])
+        u = self._mm(x, self._lw(il, "ffn_up"), lw.types["ffn_up"])
+        # in place (the same values): two tensors of the FFN's width alive, not four
+        act = torch.ops.aten.gelu_(g, approximate="tanh") if self.arch == "gemma3" else F.silu(g, inplace=True)
+        act.mul_(u)
+        del u
+        f = self._mm(act, self._lw(il, "ffn_down"), lw.types["ffn_down"])
         if lw.post_ffn_norm is not None:
             f = self._norm(f, lw.post_ffn_norm)
         return h + f
@@ -342,7 +649,27 @@ class TorchModel:
         if positions is not None:
             h = h[..., positions, :]
         x = self._norm(h, self.out_norm)
-        return self._mm(x, self.output, self.output_type)
+        if self._out_name in self._resident:
+            return self._mm(x, self._resident[self._out_name], self.output_type)
+        # the output matrix in chunks of rows (vocabulary entries), each dequantised when used
+        x = self._act(x, self.output_type)
+        w = self._matrices[self._out_name]
+        rb = DQ.row_bytes(w.ggml_type, w.shape[1], w.name)
+        step = max(1, OUTPUT_CHUNK // (4 * w.shape[1]))
+        y = x.new_empty((*x.shape[:-1], w.shape[0]))
+        rows = w.raw.view(w.shape[0], rb)
+        if self._out_buf is None:
+            self._out_buf = torch.empty((min(step, w.shape[0]), w.shape[1]), device=self.device)
+        for r0 in range(0, w.shape[0], step):
+            r1 = min(r0 + step, w.shape[0])
+            t0 = time.perf_counter()
+            wc = DQ.dequantize(rows[r0:r1].reshape(-1), w.ggml_type, (r1 - r0, w.shape[1]), device=self.device,
+                               name=w.name, out=self._out_buf[: r1 - r0])
+            self.stats["dequant_seconds"] += time.perf_counter() - t0
+            self.stats["dequantised_bytes"] += wc.numel() * 4
+            y[..., r0:r1] = x @ wc.T
+        self.stats["dequantised"] += 1
+        return y
 
     def hidden_many(self, tokens: Sequence[int], configs: Sequence[tuple[Sequence[str], Sequence[str]]]) -> torch.Tensor:
         """Final hidden states [B, T, D] of several per-layer configurations ((type_k list, type_v list)
@@ -383,7 +710,22 @@ def kld_many(model: TorchModel, tokens: Sequence[int], configs, ref_logp: torch.
     return [float(kld(ref_logp, model.logits(h[b], positions)).mean()) for b in range(len(configs))]
 
 
-def kld(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(ref || test) per position; ref given as log-probabilities (float64)."""
-    lq = torch.log_softmax(logits.double(), dim=-1)
-    return (ref_logp.exp() * (ref_logp - lq)).sum(-1).clamp_min(0.0)
+def kld(ref_logp: torch.Tensor, logits: torch.Tensor, rows: int = KLD_ROWS) -> torch.Tensor:
+    """KL(ref || test) per position; ref given as log-probabilities (float64). Computed `rows`
+    positions at a time (at least two: torch's CPU sum of a lone row splits it over threads):
+    every position is its own row reduction, so on the CPU the chunks give the numbers of one
+    whole-tensor pass bit for bit (tests/test_calib_memory.py; on CUDA to float64 rounding), with
+    float64 temporaries of `rows` x vocabulary instead of
+    positions x vocabulary (1.2 GB for 256 positions of a 128k vocabulary)."""
+    if logits.dim() != 2 or logits.shape[0] <= rows:
+        lq = torch.log_softmax(logits.double(), dim=-1)
+        return (ref_logp.exp() * (ref_logp - lq)).sum(-1).clamp_min(0.0)
+    n = logits.shape[0]
+    bounds = list(range(0, n, max(rows, 2))) + [n]
+    if bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]          # torch reduces a lone row another way (split over threads): never one alone
+    out = torch.empty(n, dtype=torch.float64, device=logits.device)
+    for i, j in zip(bounds, bounds[1:]):
+        r, lq = ref_logp[i:j], torch.log_softmax(logits[i:j].double(), dim=-1)
+        out[i:j] = (r.exp() * (r - lq)).sum(-1).clamp_min(0.0)
+    return out
