@@ -361,7 +361,7 @@ def tune(model, output, types, backend, device, calib_file, calib_tokens, groups
     files = report(run, out)
     front = [run.result.points[i] for i in run.result.front]
     if as_json:
-        _emit_json({"files": files, "seconds": run.seconds, "memory": run.memory, "front": [p.__dict__ for p in front],
+        _emit_json({"files": files, "seconds": run.seconds, "calibration_memory": run.memory, "front": [p.__dict__ for p in front],
                     "baselines": run.baselines})
         return
     click.echo(f"{len(front)} configurations on the front ({run.result.evaluations} measured), "

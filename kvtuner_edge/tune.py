@@ -620,7 +620,7 @@ def _export_and_check(run: TuneRun, chosen, dst: Path, budget: float, unit: str,
                "bits_nominal": chosen.bits_nominal, "bits_storage": chosen.bits_storage,
                "predicted_kld": chosen.kld, "calibration": run.calibration, "files": {**run.files, **files},
                "evaluations": run.result.evaluations,
-               "seconds": run.seconds, "memory": run.memory, "rows": []}
+               "seconds": run.seconds, "calibration_memory": run.memory, "rows": []}
     if validate:
         toks, src = heldout_tokens(path, n_eval)
         tests = {"chosen": (cfg, None, None)}
