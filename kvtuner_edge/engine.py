@@ -316,6 +316,16 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
     return Model(llm, info, config)
 
 
+def _load_model(ll, path, mp):
+    """llama_model_load_from_file through the C API, or a ModelFileError with the engine's own messages."""
+    _ERRORS.clear()
+    model = ll.llama_model_load_from_file(str(path).encode(), mp)
+    if not model:
+        why = _engine_errors()
+        raise ModelFileError(f"{path}: the engine could not load this model" + (f": {why}" if why else ""))
+    return model
+
+
 # --- memory: what the engine allocates for a model and a context, as it reports it (kvtuner_edge.plan) ---
 
 # llama.cpp's own report lines: "load_tensors:   CPU_Mapped model buffer size =    92.10 MiB",
@@ -375,21 +385,12 @@ class MemoryProbe:
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
         with _LOCK, _captured_log() as lines:
-            _ERRORS.clear()
-            real = ll.llama_model_load_from_file(str(path).encode(), mp)
-            if not real:
-                why = _engine_errors()
-                raise ModelFileError(f"{path}: the engine could not load this model" + (f": {why}" if why else ""))
-            ll.llama_model_free(real)
+            ll.llama_model_free(_load_model(ll, path, mp))
         self.weights: dict[str, int] = buffer_sizes(lines).get("model", {})
         mp.no_alloc = True
         mp.load_mode = 0            # LLAMA_LOAD_MODE_NONE: the no_alloc pass maps nothing
         with _LOCK, _captured_log():
-            _ERRORS.clear()
-            self.model = ll.llama_model_load_from_file(str(path).encode(), mp)
-        if not self.model:
-            why = _engine_errors()
-            raise ModelFileError(f"{path}: the engine could not load this model" + (f": {why}" if why else ""))
+            self.model = _load_model(ll, path, mp)
         self.n_vocab = int(ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model)))
 
     def close(self) -> None:
@@ -571,11 +572,7 @@ class BatchRunner:
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
-        _ERRORS.clear()
-        self.model = ll.llama_model_load_from_file(str(path).encode(), mp)
-        if not self.model:
-            why = _engine_errors()
-            raise ModelFileError(f"{path}: the engine could not load this model" + (f": {why}" if why else ""))
+        self.model = _load_model(ll, path, mp)
         self.n_vocab = int(ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model)))
 
     def close(self) -> None:
