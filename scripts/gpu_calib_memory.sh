@@ -41,7 +41,8 @@ measure() {   # label model seconds [options...]
   local smi=$!
   local t0=$(date +%s.%N)
   timeout "$limit" python3 - "$model" "$label" "$@" <<'EOF' 2>&1 | tee /tmp/$label.err
-import atexit, sys
+import atexit, signal, sys
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(124))   # timeout's SIGTERM: still print the peak (atexit)
 from kvtuner_edge import engine
 engine._bind()                       # the engine's libraries before torch (see engine.py)
 import torch
@@ -76,6 +77,6 @@ case "$STAGE" in
   8b-8gib)  make_model llama3-8b "$M8"; measure 8b-8gib "$M8" 520 --max-memory 8GiB ;;
   32b-make) make_model qwen2.5-32b "$M32" ;;
   32b)      [ -f "$M32" ] || { echo "run 32b-make first (the machine went cold?)"; exit 2; }
-            measure 32b "$M32" 520 ;;
+            measure 32b "$M32" "${LIMIT:-520}" ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
