@@ -77,6 +77,9 @@ def engine_cmd(ctx, as_json):
                                   "H100/H200)")
 @click.option("--fa-quants", help="--variant cuda: the K-V pairs with a flash-attention vector kernel, all (default) "
                                   "or a list such as q8_0-q4_0,q4_0-q3_kv (faster builds)")
+@click.option("--cpu-isa", type=click.Choice(["auto", "avx2", "avx512"]),
+              help="x86: the CPU code's SIMD level (default auto or $KVTUNER_CPU_ISA: avx512 where this machine has "
+                   "it); the wheel runs only on CPUs with that level")
 @click.option("--source", type=click.Path(dir_okay=False, exists=True),
               help="build from this (trimmed) source archive instead of the PyPI sdist")
 @click.option("--no-build-isolation", is_flag=True, help="use the scikit-build-core already installed (no network)")
@@ -86,8 +89,8 @@ def engine_cmd(ctx, as_json):
 @click.option("--tools", is_flag=True, help="build the patched llama-server, llama-cli, llama-bench, llama-perplexity "
                                             "and llama-batched-bench instead; prints their folder")
 @click.option("--print-wheel", is_flag=True, help="print the wheel's path on the last line")
-def engine_build_cmd(variant, cuda_arch, fa_quants, source, no_build_isolation, no_install, jobs, keep_build, tools,
-                     print_wheel):
+def engine_build_cmd(variant, cuda_arch, fa_quants, cpu_isa, source, no_build_isolation, no_install, jobs, keep_build,
+                     tools, print_wheel):
     """Build the patched llama.cpp engine (cached in ~/.cache/kvtuner-edge) and install it here.
 
     The first build of a version takes 5 to 25 minutes (16 to 2 cores) and prints its progress; the
@@ -97,8 +100,8 @@ def engine_build_cmd(variant, cuda_arch, fa_quants, source, no_build_isolation, 
     from . import engine_build
 
     argv = ["--variant", variant]
-    for flag, value in (("--cuda-arch", cuda_arch), ("--fa-quants", fa_quants), ("--source", source),
-                        ("--jobs", jobs)):
+    for flag, value in (("--cuda-arch", cuda_arch), ("--fa-quants", fa_quants), ("--cpu-isa", cpu_isa),
+                        ("--source", source), ("--jobs", jobs)):
         if value is not None:
             argv += [flag, str(value)]
     for flag, on in (("--no-build-isolation", no_build_isolation), ("--no-install", no_install),

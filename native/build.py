@@ -104,7 +104,49 @@ SANITIZER_ARGS = ["-DLLAMA_SANITIZE_ADDRESS=ON", "-DLLAMA_SANITIZE_UNDEFINED=ON"
                   "-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_UNDEFINED=ON"]
 
 
-def cmake_args(variant: str, cuda_arch: str, fa_quants: str = "all") -> list[str]:
+# x86 SIMD level of the CPU code, as explicit flags (GGML_NATIVE stays off): "avx2" (AVX2 + FMA + F16C, what
+# every x86 laptop of the last ten years has), "avx512" (that plus AVX-512 F/CD/VL/DQ/BW, and the VNNI, VBMI
+# and BF16 extensions where the build machine has them), "auto" (the default: avx512 where the build machine
+# has all five base extensions, else avx2). KVTUNER_CPU_ISA sets the default. A wheel is cached per level (the
+# flags are part of its key) and runs only on CPUs with its extensions: build with --cpu-isa avx2 for another
+# machine.
+CPU_ISAS = ("auto", "avx2", "avx512")
+AVX2_ARGS = ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+AVX512_BASE = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")
+AVX512_EXTRAS = (("avx512_vnni", "-DGGML_AVX512_VNNI=ON"), ("avx512vbmi", "-DGGML_AVX512_VBMI=ON"),
+                 ("avx512_bf16", "-DGGML_AVX512_BF16=ON"))
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags of this machine's CPU (Linux /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_cpu_isa(isa: str | None = None) -> str:
+    """"avx2" or "avx512" for a requested level (None: $KVTUNER_CPU_ISA, else auto)."""
+    isa = (isa or os.environ.get("KVTUNER_CPU_ISA") or "auto").lower()
+    if isa not in CPU_ISAS:
+        raise BuildError(f"CPU ISA {isa!r}: expected one of {', '.join(CPU_ISAS)}")
+    if isa == "auto":
+        isa = "avx512" if set(AVX512_BASE) <= cpu_flags() else "avx2"
+    return isa
+
+
+def x86_isa_args(isa: str | None = None) -> list[str]:
+    if resolve_cpu_isa(isa) == "avx2":
+        return list(AVX2_ARGS)
+    have = cpu_flags()
+    return AVX2_ARGS + ["-DGGML_AVX512=ON"] + [arg for flag, arg in AVX512_EXTRAS if flag in have]
+
+
+def cmake_args(variant: str, cuda_arch: str, fa_quants: str = "all", cpu_isa: str | None = None) -> list[str]:
     args = ["-DLLAVA_BUILD=OFF", "-DLLAMA_CURL=OFF", "-DGGML_OPENMP=ON"]
     machine = platform.machine().lower()
     if variant == "metal":
@@ -113,7 +155,7 @@ def cmake_args(variant: str, cuda_arch: str, fa_quants: str = "all") -> list[str
         # GGML_NATIVE=ON builds AMX code that dies with SIGILL on these x86 machines
         args += ["-DGGML_NATIVE=OFF"]
         if machine in ("x86_64", "amd64"):
-            args += ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+            args += x86_isa_args(cpu_isa)
     if variant == "cuda":
         # flash-attention vector kernels for every K/V type pair ("all"): without one a K type different
         # from the V type falls off the in-place path; a list ("q8_0-q4_0,q4_0-q3_kv") builds faster
@@ -428,11 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tools", action="store_true",
                     help="build the patched command-line tools (" + ", ".join(TOOLS) + ") instead of the wheel; "
                          "prints their folder")
+    ap.add_argument("--cpu-isa", choices=CPU_ISAS, default=None,
+                    help="x86: the CPU code's SIMD level, avx2 or avx512 (default auto, or $KVTUNER_CPU_ISA: avx512 where "
+                         "this machine has it); a wheel runs only on CPUs with its level")
     ap.add_argument("--rpc", action="store_true",
                     help="with --tools: also llama.cpp's RPC backend (GGML_RPC) and ggml-rpc-server (layers served by "
                          "other machines)")
     a = ap.parse_args(argv)
     try:
+        if a.cpu_isa:
+            os.environ["KVTUNER_CPU_ISA"] = resolve_cpu_isa(a.cpu_isa)   # for every build below (and their keys)
         if a.write_archive:
             write_archive(a.write_archive)
             return 0

@@ -2,8 +2,8 @@
 # The CPU kernels of native/ggml/ggml-cpu/kvquants-cpu.c (q3_kv/q2_kv dot products, their cache writes,
 # the V accumulation) against the same file built without SIMD, bit for bit (scripts/kvq_simd_check.c;
 # the grouped decode kernel's chunked V sum, which rounds on its own, against exact sums),
-# for each target named: host (this machine, the engine's x86 flags AVX2+FMA+F16C), host-plain (no
-# -m flags), aarch64 (armv8-a NEON), aarch64-dotprod (armv8.2-a+dotprod), the aarch64 ones built with
+# for each target named: host (the engine's x86 flags AVX2+FMA+F16C), host-avx512 (those plus AVX-512
+# F/CD/VL/DQ/BW/VNNI, --cpu-isa avx512), host-plain (no -m flags), aarch64 (armv8-a NEON), aarch64-dotprod (armv8.2-a+dotprod), the aarch64 ones built with
 # Debian's cross compiler (gcc-aarch64-linux-gnu) and run under qemu-user (correctness only: speed on
 # ARM is not measured here). Each prints a hash of the reference cache bytes: equal on every target.
 #   bash scripts/kvq_simd_check.sh [targets...]       (default: every target this machine can run)
@@ -41,6 +41,10 @@ if [ ${#targets[@]} -eq 0 ]; then
     if [[ " $flags " == *" avx2 "* && " $flags " == *" fma "* && " $flags " == *" f16c "* ]]; then
       targets+=(host)
     fi
+    if [[ " $flags " == *" avx512f "* && " $flags " == *" avx512bw "* && " $flags " == *" avx512dq "* &&
+          " $flags " == *" avx512vl "* && " $flags " == *" avx512cd "* && " $flags " == *" avx512_vnni "* ]]; then
+      targets+=(host-avx512)
+    fi
   fi
   if command -v aarch64-linux-gnu-gcc > /dev/null && command -v qemu-aarch64 > /dev/null; then
     targets+=(aarch64 aarch64-dotprod)
@@ -53,6 +57,8 @@ for t in "${targets[@]}"; do
   # dequantizers live there, built without the backend's -m flags, so without FMA contraction on x86)
   case $t in
     host)            CC="cc -O2 -mavx2 -mfma -mf16c"; BASE="cc -O2"; RUN="" ;;
+    host-avx512)     CC="cc -O2 -mavx2 -mfma -mf16c -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw -mavx512vnni"
+                     BASE="cc -O2"; RUN="" ;;
     host-plain)      CC="cc -O2"; BASE="cc -O2"; RUN="" ;;
     aarch64)         CC="aarch64-linux-gnu-gcc -O2 -march=armv8-a"; BASE=$CC; RUN="qemu-aarch64" ;;
     aarch64-dotprod) CC="aarch64-linux-gnu-gcc -O2 -march=armv8.2-a+dotprod+fp16"; BASE=$CC; RUN="qemu-aarch64" ;;

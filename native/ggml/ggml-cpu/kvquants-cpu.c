@@ -1,5 +1,6 @@
 // kvtuner-edge: CPU dot products for the q3_kv / q2_kv KV cache formats.
-// AVX2: the codes of a block unpacked into one 256-bit register and multiplied with maddubs; aarch64
+// AVX2: the codes of a block unpacked into one 256-bit register and multiplied with maddubs (with
+// AVX512-VNNI: vpdpbusd, the same integer sums in one instruction); aarch64
 // NEON: the codes as two 16-byte registers, sdot where the build has the dotprod extension, else
 // widening multiplies with pairwise adds; elsewhere plain C (codes unpacked to int8, then an int8 x
 // int8 -> int32 reduction per 16 or 32 values). All give the same integer sums and then evaluate the
@@ -30,6 +31,19 @@
 #else
 #define KVQ_NEON 0
 #endif
+// AVX-512 (F, BW, DQ, VL: the build's --cpu-isa avx512): 16-lane float work in the V sums; VNNI: u8 x s8 dot
+// products in one instruction. Both give the AVX2 paths' results bit for bit (the same integer sums, the
+// same operations per float element).
+#if KVQ_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define KVQ_AVX512 1
+#else
+#define KVQ_AVX512 0
+#endif
+#if KVQ_AVX512 && defined(__AVX512VNNI__)
+#define KVQ_VNNI 1
+#else
+#define KVQ_VNNI 0
+#endif
 
 #if KVQ_AVX2
 #include <immintrin.h>
@@ -57,6 +71,16 @@ static inline __m256i kvq_bits_avx2(const uint8_t * GGML_RESTRICT qh) {
 // the 32 bits of qh as 32 bytes of 0 or 4 (bit e -> byte e)
 static inline __m256i kvq_high4_avx2(const uint8_t * GGML_RESTRICT qh) {
     return _mm256_and_si256(kvq_bits_avx2(qh), _mm256_set1_epi8(4));
+}
+
+// int32 lane j: the sum of the products of bytes 4j..4j+3, u unsigned, s signed (|u*s| pairs within int16:
+// maddubs does not saturate for the codes here)
+static inline __m256i kvq_dot_u8s8(const __m256i u, const __m256i s) {
+#if KVQ_VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 
 // the int32 sum of each 128-bit half of 8 int32 lanes
@@ -133,9 +157,8 @@ void ggml_vec_dot_q3_kv_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const vo
         // codes 0..7 (unsigned) x q (signed) in 16-bit pairs, minus 4*sum(q): sum((c - 4)*q), exact
         const __m256i c  = _mm256_or_si256(kvq_codes2_avx2(x[i].qs), kvq_high4_avx2(x[i].qh));
         const __m256i q  = _mm256_loadu_si256((const __m256i *) y[i].qs);
-        const __m256i one16 = _mm256_set1_epi16(1);
-        const __m256i cq = _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), one16);
-        const __m256i sq = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(4), q), one16);
+        const __m256i cq = kvq_dot_u8s8(c, q);
+        const __m256i sq = kvq_dot_u8s8(_mm256_set1_epi8(4), q);
         kvq_hsum_halves(_mm256_sub_epi32(cq, sq), &s0, &s1);
 #elif KVQ_NEON
         uint8x16_t c0, c1, h0, h1;
@@ -171,7 +194,7 @@ void ggml_vec_dot_q2_kv_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const vo
         int sumi = 0;
 #if KVQ_AVX2
         const __m256i q  = _mm256_loadu_si256((const __m256i *) y[i].qs);
-        const __m256i cq = _mm256_madd_epi16(_mm256_maddubs_epi16(kvq_codes2_avx2(x[i].qs), q), _mm256_set1_epi16(1));
+        const __m256i cq = kvq_dot_u8s8(kvq_codes2_avx2(x[i].qs), q);
         int lo, hi;
         kvq_hsum_halves(cq, &lo, &hi);
         sumi = lo + hi;
@@ -200,8 +223,14 @@ void ggml_vec_dot_q2_kv_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const vo
 // ggml_vec_mad_f32 (one fma per element). These do both in registers, per block, with the same
 // float operations (code -> float, times d, plus m as a separate rounding where the scalar code
 // adds one, then fma(value, v, y)), so the accumulator is bit for bit the stock one; only where
-// ggml_vec_mad_f32 is exactly one fma per element (AVX2 + FMA, n a multiple of its step).
-#if KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+// ggml_vec_mad_f32 is exactly one fma per element (AVX2 + FMA or AVX-512, n a multiple of its step).
+#if KVQ_AVX2 && defined(__FMA__) && defined(__F16C__)
+#define KVQ_MAD 1
+#if defined(__AVX512F__)
+#define KVQ_MAD_STEP 64 // ggml_vec_mad_f32's GGML_F32_STEP: below it scalar leftovers
+#else
+#define KVQ_MAD_STEP 32
+#endif
 
 // a product that the compiler must not fuse with the following add (the scalar code rounds twice)
 static inline __m256 kvq_mul_nofma(const __m256 a, const __m256 b) {
@@ -210,6 +239,29 @@ static inline __m256 kvq_mul_nofma(const __m256 a, const __m256 b) {
     return p;
 }
 
+#if KVQ_AVX512
+static inline __m512 kvq_mul_nofma512(const __m512 a, const __m512 b) {
+    __m512 p = _mm512_mul_ps(a, b);
+    __asm__("" : "+v"(p));
+    return p;
+}
+
+// y[0..31] += v * ((float) c[j] * d + m): the two halves of 16 (d0, d1) in one register each
+static inline void kvq_mad32(float * GGML_RESTRICT y, const __m256i c, const float d0, const float d1,
+                             const int has_m, const float m, const __m256 vv) {
+    const __m512 v16 = _mm512_broadcastss_ps(_mm256_castps256_ps128(vv));
+    const __m512 vm  = _mm512_set1_ps(m);
+    for (int k = 0; k < 2; ++k) {
+        const __m128i part = k == 0 ? _mm256_castsi256_si128(c) : _mm256_extracti128_si256(c, 1);
+        const __m512  f    = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(part));
+        __m512 x = kvq_mul_nofma512(f, _mm512_set1_ps(k == 0 ? d0 : d1));
+        if (has_m) {
+            x = _mm512_add_ps(x, vm);
+        }
+        _mm512_storeu_ps(y + 16*k, _mm512_fmadd_ps(x, v16, _mm512_loadu_ps(y + 16*k)));
+    }
+}
+#else
 // y[0..31] += v * ((float) c[j] * d + m) for 32 int8 codes (m: NULL for none; d0/d1 per half)
 static inline void kvq_mad32(float * GGML_RESTRICT y, const __m256i c, const float d0, const float d1,
                              const int has_m, const float m, const __m256 vv) {
@@ -227,6 +279,7 @@ static inline void kvq_mad32(float * GGML_RESTRICT y, const __m256i c, const flo
         _mm256_storeu_ps(y + 8*k, _mm256_fmadd_ps(x, vv, _mm256_loadu_ps(y + 8*k)));
     }
 }
+#endif // KVQ_AVX512
 
 // 16 bytes of nibbles as 32 bytes: low nibbles (elements 0-15), then high nibbles (16-31)
 static inline __m256i kvq_nibbles_avx2(const uint8_t * GGML_RESTRICT qs) {
@@ -362,6 +415,32 @@ static inline __attribute__((always_inline)) void kvq_rows_part(const int nh, co
     }
 }
 
+#if KVQ_AVX512
+// the same for 16 values (half k of a block): the same operations per element in 16 lanes
+static inline __attribute__((always_inline)) void kvq_rows_part16(const int nh, const int has_m, float * const * GGML_RESTRICT y,
+        const int off, const int8_t * GGML_RESTRICT codes, const int nc, const float * GGML_RESTRICT dw, const float * GGML_RESTRICT dm) {
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int h = 0; h < nh; ++h) {
+        acc[h] = _mm512_loadu_ps(y[h] + off);
+    }
+    for (int c = 0; c < nc; ++c) {
+        __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (codes + 32*c))));
+        if (has_m) {
+            f = _mm512_fmadd_ps(f, _mm512_set1_ps(dm[2*c]), _mm512_set1_ps(dm[2*c + 1]));
+        }
+#pragma GCC unroll 8
+        for (int h = 0; h < nh; ++h) {
+            acc[h] = _mm512_fmadd_ps(f, _mm512_set1_ps(dw[h*32 + c]), acc[h]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int h = 0; h < nh; ++h) {
+        _mm512_storeu_ps(y[h] + off, acc[h]);
+    }
+}
+#endif // KVQ_AVX512
+
 // the K side: Q's codes are -127..127 as quantize_row_q8_0 writes them (the sign trick, as in ggml's
 // own q8_0 dot products, needs it); byte pairs into 16 and 32 bits (exact integer sums of each 4
 // products), one fma per block and head with the product of the scales (q3_kv: one per half)
@@ -379,12 +458,11 @@ static inline __attribute__((always_inline)) void kvq_dot_heads_block(const int 
         const int8_t * GGML_RESTRICT codes, const float dk0, const float dk1, const char * GGML_RESTRICT q, const size_t qrow, const int i) {
     const __m256i kx  = _mm256_loadu_si256((const __m256i *) codes);
     const __m256i ax  = _mm256_sign_epi8(kx, kx);
-    const __m256i one = _mm256_set1_epi16(1);
 #pragma GCC unroll 8
     for (int h = 0; h < nh; ++h) {
         const block_q8_0 * GGML_RESTRICT qb = (const block_q8_0 *) (q + h*qrow) + i;
         const __m256i qy = _mm256_loadu_si256((const __m256i *) qb->qs);
-        const __m256i p  = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, kx)), one);
+        const __m256i p  = kvq_dot_u8s8(ax, _mm256_sign_epi8(qy, kx));
         const float   dq = GGML_CPU_FP16_TO_FP32(qb->d);
         const __m256  dd = _mm256_set_m128(_mm_set1_ps(dk1*dq), _mm_set1_ps(dk0*dq));
         acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc[h]);
@@ -506,8 +584,13 @@ static inline __attribute__((always_inline)) void kvq_dot_heads_block(const int 
 static inline void kvq_rows_block(const int nh, const int has_m, float * const * GGML_RESTRICT y, const int off,
         const int8_t * GGML_RESTRICT codes, const int nc, const float * GGML_RESTRICT dw0, const float * GGML_RESTRICT dw1,
         const float * GGML_RESTRICT dm) {
+#if KVQ_AVX512
+#define KVQ_ROWS_NH(N) \
+    case N: for (int k = 0; k < 2; ++k) kvq_rows_part16(N, has_m, y, off + 16*k, codes + 16*k, nc, k < 1 ? dw0 : dw1, dm); break;
+#else
 #define KVQ_ROWS_NH(N) \
     case N: for (int k = 0; k < 4; ++k) kvq_rows_part(N, has_m, y, off + 8*k, codes + 8*k, nc, k < 2 ? dw0 : dw1, dm); break;
+#endif
     switch (nh) {
         KVQ_ROWS_NH(1) KVQ_ROWS_NH(2) KVQ_ROWS_NH(3) KVQ_ROWS_NH(4)
         KVQ_ROWS_NH(5) KVQ_ROWS_NH(6) KVQ_ROWS_NH(7) KVQ_ROWS_NH(8)
@@ -614,8 +697,8 @@ static int kvq_simd_enabled(void) {
 }
 
 ggml_kvq_mad_t ggml_kvq_get_mad(enum ggml_type type, int64_t n) {
-#if KVQ_AVX2 && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
-    if (!kvq_simd_enabled() || n % 32 != 0) { // ggml_vec_mad_f32's AVX2 step: no scalar leftovers
+#if defined(KVQ_MAD)
+    if (!kvq_simd_enabled() || n % KVQ_MAD_STEP != 0) { // ggml_vec_mad_f32's step: no scalar leftovers
         return NULL;
     }
     switch (type) {
