@@ -135,6 +135,58 @@ def check_spec(spec) -> str:
     return spec
 
 
+def _printable(s: str, limit: int = 40) -> str:
+    """The engine's printable(): UTF-8 bytes outside printable ASCII (and quote, backslash) as \\xNN, cut at 40."""
+    b = s.encode("utf-8", "surrogateescape")
+    out = "".join(chr(c) if 0x20 <= c < 0x7F and c not in (0x27, 0x5C) else f"\\x{c:02x}" for c in b[:limit])
+    return out + (f"... ({len(b)} bytes)" if len(b) > limit else "")
+
+
+def precheck_override(spec: str, n_layer: int, source: str = "KVTUNER_KV_TYPES") -> None:
+    """The engine's override syntax (native/kvtuner/llama-kvtuner.cpp, llama_kvtuner_resolve and
+    parse_list) checked before a model is loaded, so that a bad value is refused at once rather than
+    after the load: ConfigError with the engine's own wording, else None. It accepts what the engine
+    accepts (tests/test_engine.py compares both on the same specs); what needs the model (its
+    architecture, the backend's support of a type) is still the engine's to check."""
+    check_spec(spec)
+    trim = lambda x: x.strip(" \t\n\v\f\r\"")      # noqa: E731  (the engine's trim: isspace and '"')
+    if trim(spec) == "off":
+        return
+    seen: set[str] = set()
+    for part in (trim(p) for p in spec.split(";")):
+        if not part:
+            continue
+        key, eq, lst = part.partition("=")
+        key = trim(key).lower() if eq else ""
+        if key not in ("k", "v"):
+            raise ConfigError(f"kvtuner ({source}): cannot parse '{_printable(part)}': expected 'k=TYPES' or 'v=TYPES'")
+        if key in seen:
+            raise ConfigError(f"kvtuner ({source}): {key.upper()} types given twice")
+        seen.add(key)
+        items = lst.split(",")
+        which, n = key.upper(), 0
+        for raw in items:
+            name, star, cnt = trim(raw).partition("*")
+            name, cnt = trim(name), trim(cnt)
+            count = None
+            if star:
+                if not cnt or not cnt.isascii() or not cnt.isdigit() or int(cnt) <= 0 or int(cnt) >= 2**63:
+                    raise ConfigError(f"kvtuner ({source}): bad repeat count '{_printable(cnt)}' in {which} types")
+                count = int(cnt)
+            if not name.isascii() or name.lower() not in T.TYPES:
+                raise ConfigError(f"kvtuner ({source}): layer {n}: {which} cache type '{_printable(name)}' is not a KV cache "
+                                  f"type (cache types: {', '.join(T.TYPES)})")
+            if len(items) == 1 and count is None:
+                break
+            if (count or 1) > n_layer - n:
+                raise ConfigError(f"kvtuner ({source}): more than {n_layer} {which} cache types given, "
+                                  f"but the model has {n_layer} layers")
+            n += count or 1
+        else:
+            if n != n_layer:
+                raise ConfigError(f"kvtuner ({source}): {n} {which} cache types given, but the model has {n_layer} layers")
+
+
 def engine_version() -> int:
     return int(_bind().llama_kvtuner_version())
 
@@ -285,6 +337,9 @@ def open_model(path: str | os.PathLike, config: CacheConfig | None = None, *, sp
         spec = "off"
     elif spec is None and not (type_k or type_v) and not os.environ.get("KVTUNER_KV_TYPES"):
         info.file_types()    # the file's own types: ConfigError naming the key and layer if unusable
+    if spec is None and not (type_k or type_v) and os.environ.get("KVTUNER_KV_TYPES"):
+        # the engine reads it at context creation, after the model load: refuse a bad value now
+        precheck_override(os.environ["KVTUNER_KV_TYPES"], info.n_layer)
 
     if verbose is None:  # llama.cpp's own log on stderr: KVTUNER_EDGE_VERBOSE=1
         verbose = os.environ.get("KVTUNER_EDGE_VERBOSE", "0") not in ("", "0")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 
 import numpy as np
@@ -414,6 +415,57 @@ def test_engine_refuses_bad_config_with_message(smollm2, spec, flash, message):
     # the engine is still usable afterwards
     with engine.open_model(smollm2, n_ctx=256) as m:
         assert m.layer_types()[0] == ["f16"] * N_LAYER
+
+
+# accepted and refused override specs (SmolLM2: 30 layers), sent through the Python pre-check and the engine
+OVERRIDE_SPECS = [
+    "k=q8_0*2,q4_0*28;v=q5_1", "off", " off ", "k=Q8_0", "v=q4_0", ' "k=q8_0*30" ; ', "K = q8_0 * 30 ;V=q3_kv",
+    "k=q8_0*007,q4_0*23", ";;k=q8_0;", "k=q8_0*3,q4_0*20;v=q4_0", "k=q8_0;v=q4_0*29", "k=q8_0*3,q9_0*27",
+    "k=q4_K;v=q8_0", "k=q8_0;x=q4_0", "k=q8_0*0,q4_0*30", "k=q8_0;k=q4_0", "k=q8_0,", "k=", "k", "=q8_0",
+    "k=q8_0*", "k=q8_0*-1,q4_0*31", "k=q8_0*+3,q4_0*27", "k=q8_0*3x,q4_0*27", "k=q8_0*31",
+    "k=q8_0*99999999999999999999", "k=q8_0*4294967326", "k=q8_0*2147483648,q4_0*28", "k=q8_0*29,q4_0*2",
+    "k=q3_\u212av", "k=q8_0*\u0663", "k=f32;v=bf16", "k=q2_0*30;v=iq4_nl*30", "v=q8_0*15,q4_0*15;k=q5_1",
+]
+
+
+@pytest.mark.parametrize("spec", OVERRIDE_SPECS)
+def test_override_precheck_agrees_with_engine(smollm2, spec):
+    """KVTUNER_KV_TYPES is pre-checked before the model loads (engine.precheck_override); the pre-check
+    must refuse exactly what the engine's own parser refuses, with its message."""
+    try:
+        engine.precheck_override(spec, N_LAYER, source="override")
+        pre = None
+    except ConfigError as e:
+        pre = str(e)
+    try:
+        with engine.open_model(smollm2, spec=spec, n_ctx=64):
+            eng = None
+    except ConfigError as e:
+        eng = str(e)
+    assert (pre is None) == (eng is None), (spec, pre, eng)
+    if pre is not None:
+        m = re.match(r"(kvtuner \(override\): layer \d+:) (\w) cache type '(.*)' is not", pre)
+        if m:   # a name that is no cache type: the engine words ggml's other types differently
+            assert m.group(1) in eng and m.group(2) in eng and m.group(3).strip() in eng, (pre, eng)
+        else:
+            assert pre in eng, (pre, eng)
+
+
+def test_bad_environment_override_is_refused_before_the_model_loads(smollm2, monkeypatch):
+    """A bad KVTUNER_KV_TYPES fails with the engine's wording before the engine is asked to load the model
+    (the load is what made such refusals take seconds: docs/results/2026-12-02-fuzz-after-fixes/)."""
+    import llama_cpp
+
+    loads = []
+    monkeypatch.setattr(llama_cpp, "Llama", lambda *a, **k: loads.append(a) or pytest.fail("the model was loaded"))
+    monkeypatch.setenv("KVTUNER_KV_TYPES", "k=q8_0*3,q4_0*20;v=q4_0")
+    with pytest.raises(ConfigError, match=r"kvtuner \(KVTUNER_KV_TYPES\): 23 K cache types given, but the model has 30"):
+        engine.open_model(smollm2, n_ctx=64)
+    assert loads == []
+    monkeypatch.undo()
+    monkeypatch.setenv("KVTUNER_KV_TYPES", "k=q8_0*3,q4_0*27;v=q4_0")      # a good one still reaches the engine
+    with engine.open_model(smollm2, n_ctx=64) as m:
+        assert m.layer_types()[0] == ["q8_0"] * 3 + ["q4_0"] * 27
 
 
 def test_backend_flash_attention_support_is_checked(smollm2):
