@@ -385,7 +385,7 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
     engine._bind()          # the engine's libraries before torch/numpy (see engine.py)
     import torch
 
-    from .calibrate.model import TorchModel, kld_many, log_probs, parse_memory
+    from .calibrate.model import TorchModel, cuda_expandable_segments, kld_many, log_probs, parse_memory
     from .calibrate.profile import kld_positions, sensitivity
     from .search import Layout, build_space, refine, result_of, search
 
@@ -399,6 +399,8 @@ def tune(model: str | os.PathLike, *, types: Sequence[str] | None = None, backen
     dev = _torch_device(device)
     if max_memory is not None:
         max_memory = parse_memory(max_memory)      # a bad value fails here, before any work
+    if dev == "cuda":
+        cuda_expandable_segments()                 # reserved memory close to allocated (the limit counts it)
     t_start = time.time()
     cdir = cache_dir_for(path, Path(cache_dir) if cache_dir else None)
     if cdir.is_dir():

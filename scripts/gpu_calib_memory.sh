@@ -7,6 +7,10 @@
 #   8b-8gib   the same with --max-memory 8GiB (target: peak GPU memory <= 8 GiB, time <= 1.5 x 8b-full)
 #   32b-make  a random Qwen2.5-32B-shape GGUF (64 layers, 8 KV heads of 128; about 18 GB)
 #   32b       `export --budget 4.5` on it with the default limit (what the H200 has free)
+# NOCHECK=1 passes --no-check (no engine check after the search), so that nvidia-smi's peak is the
+# calibration's alone (the engine still writes the calibration text first, unless CALIB=FILE gives a text).
+# ENGINE_TAR=.carry/engine-cpu.tar.xz: no setup stage, the llama_cpp package of a wheel built elsewhere
+# (the CPU engine is enough with NOCHECK=1 and CALIB: it only tokenizes).
 # Each export prints, on stderr and into $OUT/<stage>.txt: the wall time, the memory plan,
 # torch.cuda.max_memory_allocated and max_memory_reserved (torch's own peak: the calibration), and
 # the peak of nvidia-smi's memory.used over the run (the whole process: CUDA context, torch's cache,
@@ -21,6 +25,10 @@ else
   cd "$(dirname "$0")/.."
   OUT=${OUT:-/tmp/kvtuner-out}; mkdir -p "$OUT"
   export PYTHONUNBUFFERED=1 KVTUNER_EDGE_CACHE=/root/kvtuner-cache PYTHONPATH=/tmp/site:$PWD
+  if [ -n "${ENGINE_TAR:-}" ] && [ ! -f /tmp/site/llama_cpp/__init__.py ]; then
+    mkdir -p /tmp/site && tar -xJf "$ENGINE_TAR" -C /tmp/site &&
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/wheels/*.whl 2>/dev/null
+  fi
   [ -f /tmp/site/llama_cpp/__init__.py ] || { echo "run the setup stage first (the machine went cold?)"; exit 2; }
 fi
 
@@ -40,6 +48,8 @@ measure() {   # label model seconds [options...]
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/smi-$label.txt &
   local smi=$!
   local t0=$(date +%s.%N)
+  [ "${NOCHECK:-0}" = 1 ] && set -- "$@" --no-check
+  [ -n "${CALIB:-}" ] && set -- "$@" --calib-file "$CALIB"
   timeout "$limit" python3 - "$model" "$label" "$@" <<'EOF' 2>&1 | tee /tmp/$label.err
 import atexit, signal, sys
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(124))   # timeout's SIGTERM: still print the peak (atexit)

@@ -81,6 +81,7 @@ def _rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 OUTPUT_CHUNK = 64 << 20        # bytes of float32 output rows dequantised per step when the output is not resident
 MIN_MARGIN = 1 << 30           # the default limit leaves this much (or 10%) of what is free
+CUDA_OUTSIDE_CAP = 2 << 30     # the most an explicit CUDA limit sets aside for memory outside torch's allocator
 KLD_ROWS = 32                  # positions per step of kld()
 
 
@@ -147,6 +148,41 @@ def available_memory(device: torch.device) -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return 8 << 30
+
+
+def cuda_expandable_segments() -> bool:
+    """Ask torch's CUDA caching allocator for expandable segments (unless the user configured it through
+    PYTORCH_CUDA_ALLOC_CONF): freed blocks of a growing segment are reused instead of new fixed-size
+    segments piling up, so what the process reserves stays close to what it allocates. Measured on an
+    H200 (8B shape, --max-memory 8GiB): without it 6.59 GiB allocated but 8.83 GiB reserved, with it
+    5.56 / 6.32 GiB (docs/results/2026-12-02-gpu-calib-memory/run2/). True where it is in effect."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "expandable_segments" in conf:
+        return "expandable_segments:true" in conf.replace(" ", "").lower()
+    import warnings
+    fn = getattr(torch._C, "_accelerator_setAllocatorSettings", None)    # newer torch's name for the call below
+    if fn is not None:
+        try:
+            fn("expandable_segments:True")
+            return True
+        except RuntimeError:
+            pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):      # an older torch, or a platform without it
+        return False
+    return True
+
+
+def cuda_outside_torch(device: torch.device) -> int:
+    """Bytes of the device in use but not in torch's allocator: the CUDA context, cuBLAS and, on a
+    shared GPU, other processes (nvidia-smi counts the first two for this process). Capped at
+    CUDA_OUTSIDE_CAP, so that another process's memory does not take the whole limit."""
+    free, total = torch.cuda.mem_get_info(device)
+    used = int(total - free) - int(torch.cuda.memory_reserved(device))
+    return min(max(used, 0), CUDA_OUTSIDE_CAP)
 
 
 def default_max_memory(device: torch.device) -> int:
@@ -356,6 +392,14 @@ class TorchModel:
     def _plan(self, max_memory, workload) -> None:
         """Decide where the raw bytes live and which float32 matrices stay resident (see the class doc)."""
         limit = default_max_memory(self.device) if max_memory is None else parse_memory(max_memory)
+        outside = 0
+        if max_memory is not None and self.device.type == "cuda":
+            # an explicit limit is the process's GPU memory (what nvidia-smi shows): torch's share is what
+            # the CUDA context and libraries leave of it (the default is measured after them already)
+            torch.cuda.init()
+            torch.empty(1, device=self.device)          # the context and the allocator exist from here on
+            outside = cuda_outside_torch(self.device)
+            limit = max(limit - outside, 0)
         reserve = self.activation_bytes(*workload)
         layer_names = [list(lw.names.values()) for lw in self.layers]
         layer_bytes = [sum(self._matrices[n].fp32_bytes for n in names) for names in layer_names]
@@ -371,9 +415,10 @@ class TorchModel:
         dev_raw = raw_all if raw_on == "device" else 0
         if dev_raw + minimum > limit:
             raise CalibrationError(
-                f"{self.path.name}: --max-memory {_fmt(limit)} is below what calibration needs here "
-                f"({_fmt(dev_raw + minimum)}: quantised weights {_fmt(dev_raw)}, the largest matrix in float32 "
-                f"{_fmt(biggest)}, output rows {_fmt(chunk)}, activations about {_fmt(reserve)})")
+                f"{self.path.name}: --max-memory {_fmt(limit + outside)} is below what calibration needs here "
+                f"({_fmt(dev_raw + minimum + outside)}: quantised weights {_fmt(dev_raw)}, the largest matrix in "
+                f"float32 {_fmt(biggest)}, output rows {_fmt(chunk)}, activations about {_fmt(reserve)}"
+                + (f", CUDA context and libraries {_fmt(outside)}" if outside else "") + ")")
         avail = limit - fixed - dev_raw
         resident_layers: list[int] = []
         out_resident = False
@@ -404,12 +449,13 @@ class TorchModel:
             if self.device.type == "cpu":
                 self._release([n])          # its bytes in the mapping are not read again (nor held twice)
         self.stats = {"dequantised": 0, "dequantised_bytes": 0, "dequant_seconds": 0.0}
-        self.plan = {"mode": "torch", "limit": limit, "reserve": reserve, "raw_on": raw_on, "raw_bytes": raw_all,
+        self.plan = {"mode": "torch", "limit": limit, "outside_torch": outside, "reserve": reserve, "raw_on": raw_on, "raw_bytes": raw_all,
                      "resident_layers": resident_layers, "output_resident": out_resident, "recent_cap": cap,
                      "resident_bytes": sum(t.numel() * 4 for t in self._resident.values()),
                      "fp32_bytes": sum(layer_bytes) + out.fp32_bytes, "layer_bytes": max(layer_bytes),
                      "output_bytes": out.fp32_bytes,
-                     "minimum": dev_raw + minimum, "everything": dev_raw + fixed + sum(layer_bytes) + out.fp32_bytes}
+                     "minimum": dev_raw + minimum + outside,
+                     "everything": dev_raw + fixed + sum(layer_bytes) + out.fp32_bytes + outside}
 
     def _release(self, names) -> None:
         """Drop the mapped file pages of these tensors from this process (they are read again from the
@@ -436,8 +482,10 @@ class TorchModel:
         s = (f"weights: {n}/{self.n_layer} layers resident in float32"
              + ("" if p["output_resident"] else ", the output matrix in chunks")
              + (", the rest dequantised per use" if n < self.n_layer else "")
-             + f"; quantised weights {_fmt(p['raw_bytes'])} in {where}; limit {_fmt(p['limit'])} "
-               f"(activations about {_fmt(p['reserve'])})")
+             + f"; quantised weights {_fmt(p['raw_bytes'])} in {where}; limit {_fmt(p['limit'] + p.get('outside_torch', 0))} "
+               f"(activations about {_fmt(p['reserve'])}"
+             + (f"; {_fmt(p['outside_torch'])} of the device's limit outside torch: CUDA context, libraries"
+                if p.get("outside_torch") else "") + ")")
         return s
 
     def _dequant(self, w: _Matrix, out: torch.Tensor | None = None) -> torch.Tensor:
