@@ -11,6 +11,8 @@
 #           other configurations (KVTUNER_CUDA_FA_MMAQ_VARIANT), each against the default.
 #   build:  no carried engine: build it here from .carry/llama-src.tar.xz (scripts/prepare_carry.sh), with
 #           test-backend-ops; later stages of the same warm machine use it.
+#   ncu:    Nsight Compute (stall reasons per issued instruction, instructions, occupancy) on decode cases
+#           (NCU_CASES), for the default kernel and a measuring build's NCU_VARIANTS.
 #   profile: scripts/gpu_decode_profile.py: kernels and time per decode step, f16 vs quantized caches.
 #   small:  the small-batch cases (2-16 tokens per sequence) CUDA vs CPU, then their perf with the kernel and
 #           without it (llama.cpp's MMA kernel on an f16 copy of K/V) at the Llama-3-8B layer, 1 and 16 sequences.
@@ -99,8 +101,8 @@ if [ "$STAGE" = kernel ]; then
   echo "cuda_kvquant_exact rc=${PIPESTATUS[0]}" | tee "$OUT/summary.txt"
   timeout 200 "$TBO" -o SET_ROWS -b CUDA0 > "$OUT/tbo_set_rows.log" 2>&1
   echo "test-backend-ops SET_ROWS rc=$?: $(grep -E 'tests passed' "$OUT/tbo_set_rows.log" | tail -n 1 | tr -s ' ')" | tee -a "$OUT/summary.txt"
-  # correctness: every decode case (nb=1) of FLASH_ATTN_EXT, CUDA against the CPU backend
-  eval_cases nb=1 "nb=1," tbo_eval.log 400
+  # correctness: every decode case (nb=1, or EVAL_FILTER) of FLASH_ATTN_EXT, CUDA against the CPU backend
+  eval_cases "${EVAL_FILTER:-nb=1,}" "${EVAL_FILTER:-nb=1,}" tbo_eval.log "${EVAL_TIMEOUT:-400}"
   grep -E "tests passed|Backend" "$OUT/tbo_eval.log" | tail -n 3
   # speed: the same build with and without the kernel (PERF_FILTER: a regex on the case's parameters;
   # each case takes 10-20 s, most of it the CPU filling and quantizing the 64-sequence cache)
@@ -134,6 +136,26 @@ if [ "$STAGE" = split ]; then
     echo "split KVTUNER_CUDA_FA_MMAQ=0 rc=$?" | tee -a "$OUT/summary.txt"
   fi
   python3 scripts/mmaq_split_table.py "$OUT"/split_pb*.log --json "$OUT/split.json" | tee -a "$OUT/summary.txt"
+  exit 0
+fi
+
+if [ "$STAGE" = ncu ]; then
+  # Nsight Compute on one decode layer per (K, V) pair (NCU_CASES: test-backend-ops -p filters, separated by
+  # spaces): throughput, occupancy, the instruction count and why warps stall (per issued instruction), for
+  # the default kernel and, in a measuring build, each of NCU_VARIANTS
+  : > "$OUT/summary.txt"
+  for v in 0 ${NCU_VARIANTS:-}; do
+    for pf in ${NCU_CASES:-"nr23=\[4,64\],kv=4096,.*type_K=q4_0,type_V=q4_0,"}; do
+      tag=$(echo "$pf" | sed -E 's/.*type_K=([a-z0-9_]+),type_V=([a-z0-9_]+).*/\1_\2/')
+      KVTUNER_CUDA_FA_MMAQ_VARIANT=$v timeout "${NCU_TIMEOUT:-150}" ncu -k regex:flash_attn_ext_mmaq --launch-skip 2 --launch-count 1 \
+          --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+          --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats \
+          --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+          .carry/test-backend-ops perf -o FLASH_ATTN_EXT -b CUDA0 -p "$pf" > "$OUT/ncu_${tag}_v$v.txt" 2>&1
+      echo "ncu $tag variant $v rc=$?: $(grep -E '^ +Duration' "$OUT/ncu_${tag}_v$v.txt" | tr -s ' ')," \
+           "$(grep -E '^ +Executed Instructions ' "$OUT/ncu_${tag}_v$v.txt" | tr -s ' ')" | tee -a "$OUT/summary.txt"
+    done
+  done
   exit 0
 fi
 
