@@ -32,7 +32,9 @@ tools-rpc: setup
 demo: setup
 	$(BIN)/kvtuner-edge demo
 
+# the tests, with the RPC tools of tests/test_rpc.py (llama.cpp's RPC backend: a separate build, cached like the engine)
 test: setup
+	$(BIN)/python native/build.py --variant $(VARIANT) --tools --rpc
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -7,7 +7,7 @@ the same file locally. Both must log the file's per-layer types, the RPC device'
 be exactly the size those layers' types make (per-layer types kept on the remote device; the
 first layers' types would give another size), and greedy completions must be the same tokens.
 Skipped, naming the command, when those tools are not built (a separate build: the RPC backend
-changes the tools' cache key). Written without an RPC build at hand: not yet run.
+changes the tools' cache key; `make test` builds them, cached).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _serve(tools: Path, model: Path, log: Path, rpc_port: int | None) -> tuple[l
     """(greedy completion tokens, the server's log) of llama-server on `model`."""
     port = _port()
     cmd = [str(tools / "llama-server"), "-m", str(model), "-fa", "on", "-c", str(N_CTX), "--port", str(port),
-           "--host", "127.0.0.1", "-t", "2", "-np", "1"]
+           "--host", "127.0.0.1", "-t", "2", "-np", "1", "-lv", "4"]   # -lv 4: llama's own info lines (its types)
     cmd += ["--rpc", f"127.0.0.1:{rpc_port}", "-ngl", str(N_GPU)] if rpc_port else ["-ngl", "0"]
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
