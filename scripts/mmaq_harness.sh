@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 OUT=${1:-.carry/mmaq_harness}; shift || true
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-if [ -n "${LLAMA_DIR:-}" ]; then ln -s "$(realpath "$LLAMA_DIR")" "$WORK/llama"; else  # an already patched tree
+if [ -n "${LLAMA_DIR:-}" ]; then  # an already patched tree (for experiments on top of patches/)
+  ln -s "$(realpath "$LLAMA_DIR")" "$WORK/llama"
+else  # the sdist with native/ and patches/ applied, as the engine build does
 python3 - "$WORK" <<'PY'
 import sys, pathlib
 sys.path.insert(0, "native")
