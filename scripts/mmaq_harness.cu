@@ -6,7 +6,7 @@
 // Built by scripts/mmaq_harness.sh from the patched source (nvcc here, sm_90; no GPU needed to build):
 //     mmaq_harness [--seqs 1,16,64] [--depth 4096] [--reps 40] [--pairs q4_0/q4_0,...] [--variants 0,6]
 // Output: one line per (pair, sequences, variant): us per launch (median), KV TB/s, NMSE vs the reference,
-// the largest difference from variant 0. The partial results of a split (1 sequence: several blocks per
+// the largest difference from the first variant run (-1 where the two split the positions differently). The partial results of a split (1 sequence: several blocks per
 // head) are compared as they are (same split for every variant) and combined on the host for the reference.
 #include "fattn-mmaq.cuh"
 
@@ -289,8 +289,9 @@ int main(int argc, char ** argv) {
                     }
                 }
                 const double nmse = num/den;
-                double maxd = 0;
-                if (var == pc.v.front().first && out0.empty()) out0 = o;
+                // the largest difference from the first variant run, where both split the positions alike (else -1)
+                double maxd = out0.empty() || out0.size() == o.size() ? 0.0 : -1.0;
+                if (out0.empty()) out0 = o;
                 else if (out0.size() == o.size()) for (size_t i = 0; i < o.size(); ++i) maxd = std::max(maxd, double(std::fabs(o[i] - out0[i])));
                 // time: batches of `reps` back-to-back launches (the GPU never waits for the host), the copies in turn;
                 // the median batch mean of 5
