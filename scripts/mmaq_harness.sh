@@ -2,7 +2,8 @@
 # Builds scripts/mmaq_harness.cu against the patched fattn-mmaq.cuh (the pinned sdist + native/ + patches/,
 # as native/build.py prepares it) for sm_90 with nvcc on this machine (no GPU needed; about a minute), so
 # that device time goes to running it:
-#     [LLAMA_DIR=patched/vendor/llama.cpp] bash scripts/mmaq_harness.sh [OUT_BINARY] [extra nvcc flags, e.g. -DHARNESS_X1=6 -DHARNESS_X2=7]
+#     [VARIANTS="6 7"] [LLAMA_DIR=patched/vendor/llama.cpp] bash scripts/mmaq_harness.sh [OUT_BINARY] [extra nvcc flags]
+# (VARIANTS: the kernel variants compiled besides 0)
 # then on the GPU machine: OUT_BINARY --seqs 1,64 --depth 4096 (carry the binary; it links cudart statically).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,9 @@ PY
 fi
 L=$WORK/llama
 mkdir -p "$(dirname "$OUT")"
-nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -Xptxas -v -DGGML_CUDA_FA_ALL_QUANTS \
+extra=""; for v in ${VARIANTS:-}; do extra="$extra, $v"; done
+echo "#define HARNESS_EXTRA $extra" > "$WORK/variants.h"
+nvcc -include "$WORK/variants.h" -std=c++17 -O3 -arch=sm_90 -lineinfo -Xptxas -v -DGGML_CUDA_FA_ALL_QUANTS \
     -I"$L/ggml/include" -I"$L/ggml/src" -I"$L/ggml/src/ggml-cuda" "$@" \
     -o "$OUT" scripts/mmaq_harness.cu 2> "$OUT.ptxas.txt" || { cat "$OUT.ptxas.txt"; exit 1; }
 python3 - "$OUT.ptxas.txt" <<'PY'
