@@ -88,6 +88,13 @@ def _install_log(llama_cpp) -> None:
     from llama_cpp import _logger
 
     last = [logging.CRITICAL]
+    # ggml's levels (NONE, DEBUG, INFO, WARN, ERROR; 5 continues the previous line). llama-cpp-python's
+    # table (_logger.GGML_LOG_LEVEL_TO_LOGGING_LEVEL) is an older enum's: it sends WARN to ERROR and ERROR
+    # to DEBUG, which dropped the GGUF reader's and the loader's error lines from our messages. The lines
+    # kept for messages go by ggml's levels (warnings and errors); what is printed stays llama-cpp-python's
+    # choice, so that a refused file still gives one line.
+    levels = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+    shown = [logging.CRITICAL]
 
     @llama_cpp.llama_log_callback
     def cb(level, text, user_data):
@@ -95,12 +102,13 @@ def _install_log(llama_cpp) -> None:
             msg = (text or b"").decode("utf-8", "replace")
             if _CAPTURE is not None:
                 _CAPTURE.append(msg)
-            lvl = _logger.GGML_LOG_LEVEL_TO_LOGGING_LEVEL.get(level, logging.DEBUG) if level != 5 else last[0]
-            if lvl >= logging.ERROR and msg.strip():
+            lvl = levels.get(level, logging.DEBUG) if level != 5 else last[0]
+            plvl = _logger.GGML_LOG_LEVEL_TO_LOGGING_LEVEL.get(level, logging.DEBUG) if level != 5 else shown[0]
+            if lvl >= logging.WARNING and msg.strip():
                 _ERRORS.append(msg.strip())
-            last[0] = lvl
+            last[0], shown[0] = lvl, plvl
             # a memory probe's contexts (plan: dozens, some past the trained length) stay quiet unless verbose
-            if _logger.logger.level <= lvl and (_CAPTURE is None or _logger.logger.level <= logging.DEBUG):
+            if _logger.logger.level <= plvl and (_CAPTURE is None or _logger.logger.level <= logging.DEBUG):
                 print(msg, end="", flush=True, file=sys.stderr)
         except Exception:   # noqa: BLE001 - a log line must never take the process down
             pass

@@ -217,3 +217,33 @@ def test_duplicate_vocabulary_token_is_a_load_error_not_an_abort(corpus, tmp_pat
     assert r.returncode == 1 and "duplicate" in r.stderr and "GGML_ASSERT" not in r.stderr, r.stderr[-2000:]
     with pytest.raises(ModelFileError, match="duplicate"):
         engine.open_model(p, n_ctx=64)
+
+
+@pytest.mark.parametrize("where,value", [("kv", 99), ("kv", -1), ("array", 1 << 30), ("tensor", 99), ("tensor", -5)])
+def test_out_of_range_type_fields_are_refused_before_they_become_enums(corpus, tmp_path, where, value):
+    """The sanitizer build found upstream's GGUF reader converting a key's, an array's or a tensor's
+    type from the file to its enum before checking it (UBSan invalid-enum-load; the file was refused
+    afterwards). Patch 0020 checks the int32 first: the C loader refuses with the value and the key or
+    tensor named, and our reader refuses the same files."""
+    work, bases, cases, layouts = corpus
+    L = layouts["tiny"]
+    data = bytearray(bases["tiny"].read_bytes())
+    if where == "kv":
+        k = L.kv("general.architecture")
+        struct.pack_into("<i", data, k.type_off, value)
+        words, name = "invalid GGUF type", "general.architecture"
+    elif where == "array":
+        k = L.kv("tokenizer.ggml.tokens")
+        struct.pack_into("<i", data, k.value_off, value)   # the element type of the array
+        words, name = "invalid GGUF type", "tokenizer.ggml.tokens"
+    else:
+        t = L.tinfos[0]
+        struct.pack_into("<i", data, t.type_off, value)
+        words, name = "invalid ggml type", t.name
+    p = tmp_path / "bad-type.gguf"
+    p.write_bytes(bytes(data))
+    r = _probe(p)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"{words} {value}," in r.stderr and f"'{name}'" in r.stderr, r.stderr[-2000:]
+    with pytest.raises(ModelFileError):
+        read_header(p)
