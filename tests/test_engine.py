@@ -148,9 +148,9 @@ def test_context_shift_with_per_layer_types(smollm2, smol_tokens):
     assert np.array_equal(g_shift, l_shift) and np.array_equal(g_ref, l_ref)
     # f16 K layers (not rotated) beside q4_0 K layers (rotated): each layer shifts in its own way,
     # and the error stays within the two uniform caches' errors added (a layer shifted with the wrong
-    # rotation would scramble its keys). The shift is not exact even
-    # with an f16 cache (re-RoPE'd keys round differently from fresh ones); on short texts the mix can
-    # land below both, and with an AVX-512 build it landed 1.22x above the larger (0.0037 vs 0.0030).
+    # rotation would scramble its keys). The shift is not exact even with an f16 cache (re-RoPE'd keys
+    # round differently from fresh ones); on short texts the mix can land below both, and with an
+    # AVX-512 build it landed 1.22x above the larger (0.0037 vs 0.0030).
     f_shift, f_ref = shift_vs_recompute(smollm2, smol_tokens, config=CacheConfig.uniform(N_LAYER, "f16", "q8_0"))
     mixed = CacheConfig(tuple("f16" if il % 2 else "q4_0" for il in range(N_LAYER)), ("q8_0",) * N_LAYER)
     m_shift, m_ref = shift_vs_recompute(smollm2, smol_tokens, config=mixed)
