@@ -26,6 +26,7 @@ SHAPES = {
     # Qwen2.5-32B's shape (64 layers, 8 KV heads of 128) written as a llama model (no biases)
     "qwen2.5-32b": (5120, 64, 40, 8, 27648, 152064, 1000000.0, 8192),
     "tiny": (256, 4, 4, 2, 512, 4096, 10000.0, 4096),
+    "tiny-head128": (512, 4, 4, 2, 1024, 32768, 10000.0, 4096),  # the 8B model's head size, small
     # head size 48: block-32 cache types cannot divide it (tests of the refusals)
     "tiny-head48": (192, 4, 4, 2, 512, 4096, 10000.0, 4096),
 }
@@ -52,19 +53,27 @@ def q8_0_random(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
 
 
 WTYPES = ("q4_0", "q8_0")
+# llama: RoPE of consecutive pairs (NORMAL); qwen2: of the two halves of a head (NEOX), Q/K/V biases
+ARCHS = ("llama", "qwen2")
 
 
-def write(shape: str, out: Path, seed: int = 0, wtype: str = "q4_0") -> None:
+def write(shape: str, out: Path, seed: int = 0, wtype: str = "q4_0", arch: str = "llama",
+          rope_freqs: bool = False) -> None:
+    """rope_freqs: a rope_freqs.weight tensor (per-pair frequency factors, as Llama-3.1 files have; llama only)."""
     import gguf
 
     if wtype not in WTYPES:
         raise ValueError(f"wtype must be one of {', '.join(WTYPES)}, got {wtype!r}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if rope_freqs and arch != "llama":
+        raise ValueError("rope_freqs needs arch llama")
 
     n_embd, n_layer, n_head, n_head_kv, n_ff, n_vocab, rope_base, ctx = SHAPES[shape]
     head = n_embd // n_head
     rng = np.random.default_rng(seed)
     tmp = out.with_name(out.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    w = gguf.GGUFWriter(str(tmp), arch)
     w.add_name(f"random-{shape}")
     w.add_description("random weights (kvtuner_edge.random_model): outputs are meaningless")
     w.add_block_count(n_layer)
@@ -99,12 +108,17 @@ def write(shape: str, out: Path, seed: int = 0, wtype: str = "q4_0") -> None:
     q("token_embd.weight", n_vocab, n_embd)
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
     q("output.weight", n_vocab, n_embd)
+    if rope_freqs:
+        w.add_tensor("rope_freqs.weight", (1.0 + 7.0 * rng.random(head // 2)).astype(np.float32))
     for il in range(n_layer):
         p = f"blk.{il}."
         w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
         q(p + "attn_q.weight", n_head * head, n_embd)
         q(p + "attn_k.weight", n_head_kv * head, n_embd)
         q(p + "attn_v.weight", n_head_kv * head, n_embd)
+        if arch == "qwen2":
+            for t, rows in (("q", n_head * head), ("k", n_head_kv * head), ("v", n_head_kv * head)):
+                w.add_tensor(p + f"attn_{t}.bias", (0.5 * rng.standard_normal(rows)).astype(np.float32))
         q(p + "attn_output.weight", n_embd, n_head * head)
         w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
         q(p + "ffn_gate.weight", n_ff, n_embd)
@@ -123,9 +137,12 @@ def main() -> int:
     ap.add_argument("-o", "--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wtype", choices=WTYPES, default="q4_0", help="weight type of the matrices")
+    ap.add_argument("--arch", choices=ARCHS, default="llama", help="architecture written (its RoPE mode)")
+    ap.add_argument("--rope-freqs", action="store_true", help="per-pair RoPE frequency factors (llama)")
     a = ap.parse_args()
-    write(a.shape, a.out, a.seed, a.wtype)
-    print(f"wrote {a.out} ({a.out.stat().st_size / 2**20:.0f} MiB, random {a.wtype} weights, shape {a.shape})")
+    write(a.shape, a.out, a.seed, a.wtype, a.arch, a.rope_freqs)
+    print(f"wrote {a.out} ({a.out.stat().st_size / 2**20:.0f} MiB, random {a.wtype} weights, shape {a.shape}, "
+          f"arch {a.arch}{', rope_freqs' if a.rope_freqs else ''})")
     return 0
 
 
