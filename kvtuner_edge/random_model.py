@@ -109,7 +109,9 @@ def write(shape: str, out: Path, seed: int = 0, wtype: str = "q4_0", arch: str =
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
     q("output.weight", n_vocab, n_embd)
     if rope_freqs:
-        w.add_tensor("rope_freqs.weight", (1.0 + 7.0 * rng.random(head // 2)).astype(np.float32))
+        # own generator: the weights are those of the file without factors (same seed)
+        ff = np.random.default_rng(seed + 1).random(head // 2)
+        w.add_tensor("rope_freqs.weight", (1.0 + 7.0 * ff).astype(np.float32))
     for il in range(n_layer):
         p = f"blk.{il}."
         w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))

@@ -520,6 +520,31 @@ def test_block_size_must_divide_head_size(tmp_path):
         assert m.layer_types() == (["f16"] * 4, ["bf16"] * 4)
 
 
+def test_random_writer_rope_kinds(tmp_path):
+    """The random-weight writer's RoPE variants (the GPU fusion suite's models) are what they claim: a
+    qwen2 file with Q/K/V biases and a llama file with frequency factors that the engine applies (same
+    weights as the file without: the first position, where RoPE is the identity, gives the same logits,
+    later ones do not), and both run with a rotated quantized cache."""
+    from kvtuner_edge.gguf_io import read_header
+    from kvtuner_edge.random_model import write
+
+    paths = {}
+    for name, kw in (("plain", {}), ("ff", {"rope_freqs": True}), ("qwen2", {"arch": "qwen2"})):
+        paths[name] = tmp_path / f"{name}.gguf"
+        write("tiny-head128", paths[name], **kw)
+    assert model_info(paths["qwen2"]).arch == "qwen2" and model_info(paths["ff"]).arch == "llama"
+    assert "blk.0.attn_k.bias" in {ti.name for ti in read_header(paths["qwen2"]).tensors}
+    assert "rope_freqs.weight" in {ti.name for ti in read_header(paths["ff"]).tensors}
+    toks = [5 + 37 * i for i in range(24)]
+    logits = {}
+    for name, p in paths.items():
+        with engine.open_model(p, CacheConfig.uniform(4, "q4_0", "q4_0"), n_ctx=64, logits_all=True) as m:
+            logits[name] = m.logits(toks)
+        assert np.isfinite(logits[name]).all()
+    assert np.array_equal(logits["plain"][0], logits["ff"][0])
+    assert np.abs(logits["plain"][1:] - logits["ff"][1:]).max() > 1e-3
+
+
 def test_sequence_copy_across_streams_with_per_layer_types(smollm2, smol_tokens):
     """Two sequences in separate streams (kv_unified off): llama_memory_seq_cp copies every layer's
     K and V stream in its own type, so both sequences continue identically."""
