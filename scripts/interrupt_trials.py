@@ -8,7 +8,9 @@ uninterrupted run's pick, and leave no partial file behind.
 Each trial has its own cache folder and output. A kill trial runs the export, waits for the chosen
 phase's first log line, sleeps a seeded fraction of that phase's length in the reference run and
 sends SIGKILL; with probability 1/2 the rerun is killed again in a later phase; then the last run
-goes to the end. Checked: exit 0, the output's kvtuner.type_k/type_v equal the reference pick, its
+goes to the end. Only kills that land count: when the run had finished before its kill, the trial
+starts again in a fresh folder with half the delay (up to 4 times); a second kill that comes too late
+is recorded as not landed. Trials go on until --trials of them had a kill that landed. Checked: exit 0, the output's kvtuner.type_k/type_v equal the reference pick, its
 tensors read back, every JSON file in the cache folder parses, no temporary file is left anywhere
 in the trial's folder. A truncation trial damages one cache file of a finished run (cut at a seeded
 length, garbage bytes, or JSON of another shape) and reruns. A concurrency trial starts two exports
@@ -209,25 +211,41 @@ def main() -> int:
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(results, indent=1))
 
-    for i in range(a.trials):
+    landed_trials = 0
+    i = 0
+    while landed_trials < a.trials and i < 3 * a.trials:
         d = a.work / f"kill-{i:02d}"
-        d.mkdir()
+        i += 1
         cmd = export_cmd(model, d / "cache", d / "o.gguf", a.budget)
-        kills = []
-        phase = PHASES[i % len(PHASES)]
-        while True:
+        phase = PHASES[landed_trials % len(PHASES)]
+        scale, missed = 1.0, 0
+        while True:  # the first kill, in a fresh folder until it lands
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir()
+            frac = r.uniform(0.05, 0.95)
+            at, t, finished = run_and_kill(cmd, d / "log.txt", phase, frac * scale * dur.get(phase, 1.0))
+            if not finished or missed >= 3:
+                break
+            missed, scale = missed + 1, scale / 2
+        if finished:
+            print(f"kill trial {i}: no kill landed in {phase} ({missed + 1} tries); skipped", flush=True)
+            continue
+        kills = [{"aimed": phase, "fraction": round(frac * scale, 3), "killed_in": at, "after_s": round(t, 1),
+                  "landed": True, "missed_before": missed}]
+        later = PHASES[PHASES.index(phase) + 1:]
+        if later and r.random() < 0.5:  # the resumed run killed again, in a later phase
+            phase = r.choice(later)
             frac = r.uniform(0.05, 0.95)
             at, t, finished = run_and_kill(cmd, d / "log.txt", phase, frac * dur.get(phase, 1.0))
             kills.append({"aimed": phase, "fraction": round(frac, 3), "killed_in": at, "after_s": round(t, 1),
-                          "finished_before_kill": finished})
-            later = PHASES[PHASES.index(phase) + 1:]
-            if len(kills) >= 2 or not later or r.random() < 0.5:
-                break
-            phase = r.choice(later)
+                          "landed": not finished})
         rc, sec, _, text = run_to_end(cmd, d / "log.txt")
         resumed = [m for m in ("resuming the sensitivity profile", "resuming the search", "search results from the cache")
                    if m in text]
-        record({"kind": "kill", "what": ", ".join(f"SIGKILL in {k['killed_in']} ({k['fraction']:.2f} of it)" for k in kills),
+        landed_trials += 1
+        record({"kind": "kill", "what": ", ".join(f"SIGKILL in {k['killed_in']} ({k['fraction']:.2f} of it)"
+                                                  + ("" if k["landed"] else ", after the run had finished")
+                                                  for k in kills),
                 "kills": kills, "rerun_seconds": round(sec, 1), "rerun_log": resumed,
                 "problems": verify(rc, d / "o.gguf", d, ref)})
 
@@ -266,8 +284,11 @@ def main() -> int:
     results["summary"] = {"trials": len(results["trials"]), "failed": n_bad,
                           "by_kind": {k: sum(1 for t in results["trials"] if t["kind"] == k)
                                       for k in ("kill", "damage", "concurrent")},
-                          "killed_in": {ph: sum(1 for t in results["trials"] if t["kind"] == "kill"
-                                                for kk in t["kills"] if kk["killed_in"] == ph) for ph in PHASES}}
+                          "landed_kills_in": {ph: sum(1 for t in results["trials"] if t["kind"] == "kill"
+                                                      for kk in t["kills"] if kk["killed_in"] == ph and kk["landed"])
+                                                for ph in PHASES},
+                          "kills_not_landed": sum(1 for t in results["trials"] if t["kind"] == "kill"
+                                                  for kk in t["kills"] if not kk["landed"])}
     print(json.dumps(results["summary"]), flush=True)
     if a.out:
         a.out.write_text(json.dumps(results, indent=1))
